@@ -1,0 +1,313 @@
+"""The Redis/Valkey broker: the original contract, one pub/sub connection per process.
+
+Owns: the single pub/sub connection (a lean asyncio protocol on hiredis's
+parser, so each message goes from the socket to the hub without a coroutine),
+which channels it must carry, reconnecting with backoff, and the command
+connection for rights sets and publishing. Redis errors become
+:class:`~sisyphus.errors.BrokerUnavailable` here and nowhere else.
+
+Subscriptions are reference-counted by the hub: this class only hears
+"first local listener" and "last local listener gone", so the hundredth
+browser on ``room:5`` costs Redis nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar, cast
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
+from redis.exceptions import RedisError
+
+from sisyphus.brokers import backoff
+from sisyphus.brokers.base import LostHandler, MessageHandler
+from sisyphus.errors import BrokerUnavailable
+from sisyphus.protocol.names import channels_key, user_channel
+
+log = logging.getLogger("sisyphus.redis")
+
+T = TypeVar("T")
+
+# Channels per SUBSCRIBE command when resubscribing after a reconnect.
+SUBSCRIBE_BATCH = 1000
+
+
+def _drop(channel: str, payload: bytes) -> None:
+    """Deliver nowhere (before :meth:`RedisBroker.bind`)."""
+
+
+def _ignore() -> None:
+    """Tell nobody (before :meth:`RedisBroker.bind`)."""
+
+
+class _PubSubProtocol(asyncio.Protocol):
+    """Bytes from the pub/sub socket -> hiredis replies -> the broker."""
+
+    def __init__(self, broker: RedisBroker) -> None:
+        self._broker = broker
+        self._reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        on_reply = self._broker._on_reply
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError:
+                log.error("redis pub/sub protocol error; reconnecting")
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            if reply is False:
+                return
+            on_reply(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._broker._on_pubsub_lost(self)
+
+
+class RedisBroker:
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 5.0,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 10.0,
+    ) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._params: dict[str, Any] = dict(parse_url(url))
+        self._commands = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._on_message: MessageHandler = _drop
+        self._on_lost: LostHandler = _ignore
+        self._protocol: _PubSubProtocol | None = None
+        self._ready = False  # authenticated pub/sub connection
+        self._closing = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        # Channels the hub wants, and per channel the (UN)SUBSCRIBE replies still due.
+        self._wanted: set[str] = set()
+        self._outstanding: dict[str, int] = {}
+        self._confirmed: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._auth_pending = False
+        self.reconnects = 0
+
+    def bind(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
+        self._on_message = on_message
+        self._on_lost = on_lost
+
+    # Lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect the pub/sub link; if Redis is down, keep trying in the background."""
+        try:
+            await self._connect()
+        except BrokerUnavailable as exc:
+            log.warning("redis unavailable at start (%s); retrying in the background", exc)
+            self._schedule_reconnect()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._fail_waiters()
+        await self._commands.aclose()
+
+    @property
+    def connected(self) -> bool:
+        return self._ready
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        params = self._params
+        try:
+            async with asyncio.timeout(self._timeout):
+                if "path" in params:
+                    _, protocol = await loop.create_unix_connection(
+                        lambda: _PubSubProtocol(self), params["path"]
+                    )
+                else:
+                    tls = ssl.create_default_context() if "connection_class" in params else None
+                    _, protocol = await loop.create_connection(
+                        lambda: _PubSubProtocol(self),
+                        params.get("host", "localhost"),
+                        params.get("port", 6379),
+                        ssl=tls,
+                    )
+        except (OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"can't connect to redis: {exc}") from None
+        self._protocol = protocol
+        password = params.get("password")
+        if password is not None:
+            username = params.get("username")
+            auth = ("AUTH", username, password) if username else ("AUTH", password)
+            self._auth_pending = True
+            self._write(auth)
+        self._ready = True
+        self._outstanding.clear()
+        self._confirmed.clear()
+        wanted = sorted(self._wanted)
+        for start in range(0, len(wanted), SUBSCRIBE_BATCH):
+            self._send_subscriptions("SUBSCRIBE", wanted[start : start + SUBSCRIBE_BATCH])
+        log.info("redis pub/sub connected channels=%d", len(wanted))
+
+    def _schedule_reconnect(self) -> None:
+        if self._closing or self._reconnect_task is not None:
+            return
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        try:
+            while not self._closing:
+                await asyncio.sleep(
+                    backoff.delay(attempt, self._backoff_base, self._backoff_cap, random.random)
+                )
+                try:
+                    await self._connect()
+                except BrokerUnavailable as exc:
+                    attempt += 1
+                    log.warning("redis reconnect attempt=%d failed: %s", attempt, exc)
+                    continue
+                self.reconnects += 1
+                return
+        finally:
+            self._reconnect_task = None
+
+    def _on_pubsub_lost(self, protocol: _PubSubProtocol) -> None:
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        was_ready, self._ready = self._ready, False
+        self._confirmed.clear()
+        self._outstanding.clear()
+        self._fail_waiters()
+        if self._closing:
+            return
+        log.error("redis pub/sub connection lost; reconnecting")
+        if was_ready:
+            self._on_lost()
+        self._schedule_reconnect()
+
+    def _fail_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for futures in waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
+
+    # Subscriptions ---------------------------------------------------------
+    def _write(self, command: tuple[str, ...]) -> None:
+        protocol = self._protocol
+        if protocol is not None and protocol.transport is not None:
+            # hiredis's stub types the argument as a 1-tuple; any tuple of strings is valid.
+            protocol.transport.write(hiredis.pack_command(cast(Any, command)))
+
+    def _send_subscriptions(self, verb: str, channels: list[str]) -> None:
+        for channel in channels:
+            self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
+        self._write((verb, *channels))
+
+    def subscribe(self, channels: list[str]) -> None:
+        self._wanted.update(channels)
+        if self._ready:
+            self._send_subscriptions("SUBSCRIBE", channels)
+
+    def unsubscribe(self, channels: list[str]) -> None:
+        self._wanted.difference_update(channels)
+        self._confirmed.difference_update(channels)
+        if self._ready:
+            self._send_subscriptions("UNSUBSCRIBE", channels)
+
+    async def wait_subscribed(self, channels: Iterable[str]) -> None:
+        if not self._ready:
+            raise BrokerUnavailable("redis pub/sub is not connected")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for channel in channels:
+            if channel not in self._confirmed:
+                future: asyncio.Future[None] = loop.create_future()
+                self._waiters.setdefault(channel, []).append(future)
+                futures.append(future)
+        if futures:
+            await asyncio.gather(*futures)
+
+    def _on_reply(self, reply: Any) -> None:
+        if type(reply) is list and reply[0] == b"message":
+            # The hot path: straight from the parser to the hub.
+            self._on_message(reply[1].decode("utf-8", "replace"), reply[2])
+            return
+        if isinstance(reply, list) and reply and reply[0] in (b"subscribe", b"unsubscribe"):
+            self._on_confirmation(reply[0], reply[1].decode("utf-8", "replace"))
+        elif isinstance(reply, hiredis.ReplyError):
+            log.error("redis pub/sub error: %s", reply)
+            if self._protocol is not None and self._protocol.transport is not None:
+                self._protocol.transport.abort()
+        elif self._auth_pending and reply == b"OK":
+            self._auth_pending = False
+
+    def _on_confirmation(self, kind: bytes, channel: str) -> None:
+        left = self._outstanding.get(channel, 0) - 1
+        if left > 0:
+            self._outstanding[channel] = left
+            return  # a later (UN)SUBSCRIBE of this channel is still on its way
+        self._outstanding.pop(channel, None)
+        if kind == b"subscribe" and channel in self._wanted:
+            self._confirmed.add(channel)
+            for future in self._waiters.pop(channel, ()):
+                if not future.done():
+                    future.set_result(None)
+
+    # Commands --------------------------------------------------------------
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await awaitable
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None
+
+    async def user_channels(self, user_id: str) -> set[str] | None:
+        # SMEMBERS of a missing key is empty, and Redis deletes empty sets: empty = unknown.
+        members: set[bytes] = await self._call(
+            self._commands.smembers(channels_key(user_id))  # type: ignore[arg-type]
+        )
+        if not members:
+            return None
+        return {member.decode("utf-8", "replace") for member in members}
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        await self._call(self._commands.publish(channel, payload))
+
+    async def grant(self, user_id: str, channels: list[str], notice: bytes) -> None:
+        await self._rights("sadd", user_id, channels, notice)
+
+    async def revoke(self, user_id: str, channels: list[str], notice: bytes) -> None:
+        await self._rights("srem", user_id, channels, notice)
+
+    async def _rights(self, verb: str, user_id: str, channels: list[str], notice: bytes) -> None:
+        # One MULTI: the set changes and the notice goes out together, or neither does.
+        async def run() -> None:
+            async with self._commands.pipeline(transaction=True) as pipe:
+                getattr(pipe, verb)(channels_key(user_id), *channels)
+                pipe.publish(user_channel(user_id), notice)
+                await pipe.execute()
+
+        await self._call(run())

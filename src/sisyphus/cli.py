@@ -1,0 +1,109 @@
+"""The ``sisyphus`` command: builds settings and calls the package; holds no logic."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from sisyphus import __version__, client, config
+from sisyphus.errors import ConfigError
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the service",
+        description="Run the service. Every flag also reads a SISYPHUS_* variable.",
+    )
+    for option in config.OPTIONS:
+        default = "none" if option.default is None else option.default
+        serve.add_argument(
+            option.flag,
+            dest=option.name,
+            metavar=option.metavar,
+            help=f"{option.help} (env {option.env}, default {default})",
+        )
+    # The seed's name for it: `--redis URL` is `--redis-url URL`.
+    serve.add_argument("--redis", dest="redis_url", metavar="URL", help=argparse.SUPPRESS)
+
+
+def _target_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("SISYPHUS_URL", client.DEFAULT_URL),
+        help="the running service (env SISYPHUS_URL, default %(default)s)",
+    )
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help="write straight to this Redis instead of calling the service",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SISYPHUS_API_KEY"),
+        help="the service's API key (env SISYPHUS_API_KEY)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sisyphus", description="Push notifications to browsers over Server-Sent Events."
+    )
+    parser.add_argument("--version", action="version", version=f"sisyphus {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    publish = sub.add_parser("publish", help="publish a message on a channel")
+    publish.add_argument("channel", help="e.g. room:918")
+    publish.add_argument("data", help="the message; '-' reads it from standard input")
+    _target_flags(publish)
+    for verb, text in (("grant", "let a user read channels"), ("revoke", "take channels away")):
+        rights = sub.add_parser(verb, help=text)
+        rights.add_argument("user", help="the user id")
+        rights.add_argument("channels", nargs="+", metavar="CHANNEL")
+        _target_flags(rights)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    publisher = client.connect(url=args.url, redis_url=args.redis, api_key=args.api_key)
+    try:
+        if args.command == "publish":
+            data = sys.stdin.read() if args.data == "-" else args.data
+            publisher.publish(args.channel, data)
+        elif args.command == "grant":
+            publisher.grant(args.user, args.channels)
+        else:
+            publisher.revoke(args.user, args.channels)
+    except client.SisyphusClientError as exc:
+        print(f"sisyphus {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags = {option.name: getattr(args, option.name) for option in config.OPTIONS}
+    try:
+        settings = config.load(flags)
+    except ConfigError as exc:
+        print(f"sisyphus serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    from sisyphus.server.app import run  # imported here: publish/grant don't need the server
+
+    try:
+        run(settings)
+    except OSError as exc:
+        print(f"sisyphus serve: {exc}", file=sys.stderr)
+        return 1
+    return 0

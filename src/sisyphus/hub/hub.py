@@ -1,0 +1,166 @@
+"""Channel -> subscribers, reference-counted subscriptions, and dispatch.
+
+Owns: which local streams listen on which channel, telling the broker when a
+channel gains its first or loses its last local listener, the event id
+sequence, and the hot path (encode once, write to all, one write per
+connection per loop iteration). Must not await, parse HTTP or know Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from sisyphus.hub.subscriber import State, Subscriber
+from sisyphus.metrics import Metrics
+from sisyphus.protocol import sse
+from sisyphus.protocol.names import user_of_channel
+
+log = logging.getLogger("sisyphus.hub")
+
+
+class SubscriptionSink(Protocol):
+    """The part of a broker the hub drives: it must not block."""
+
+    def subscribe(self, channels: list[str]) -> None: ...
+    def unsubscribe(self, channels: list[str]) -> None: ...
+
+
+class Hub:
+    """Fan-out of broker messages to local subscribers."""
+
+    def __init__(
+        self,
+        sink: SubscriptionSink,
+        schedule: Callable[[Callable[[], None]], Any],
+        clock: Callable[[], float],
+        metrics: Metrics,
+        on_user_message: Callable[[str], None],
+        first_id: int | None = None,
+    ) -> None:
+        self._sink = sink
+        self._schedule = schedule
+        self._clock = clock
+        self._metrics = metrics
+        self._on_user_message = on_user_message
+        self._channels: dict[str, set[Subscriber]] = {}
+        self._users: dict[str, set[Subscriber]] = {}
+        self._dirty: list[Subscriber] = []
+        # Ids start at the wall clock in ms so a restarted process never goes back in time.
+        self._seq = int(time.time() * 1000) if first_id is None else first_id
+
+    # Ids -------------------------------------------------------------------
+    def current_id(self) -> bytes:
+        return b"%d" % self._seq
+
+    # Membership ------------------------------------------------------------
+    def add(self, sub: Subscriber, channels: Iterable[str]) -> None:
+        """Register ``sub`` and subscribe it to ``channels``."""
+        self._users.setdefault(sub.user_id, set()).add(sub)
+        self.update(sub, frozenset(channels))
+
+    def remove(self, sub: Subscriber) -> None:
+        """Forget ``sub``; channels left without local listeners are unsubscribed."""
+        sub.state = State.CLOSED
+        self.update(sub, frozenset())
+        users = self._users.get(sub.user_id)
+        if users is not None:
+            users.discard(sub)
+            if not users:
+                del self._users[sub.user_id]
+
+    def update(self, sub: Subscriber, wanted: frozenset[str]) -> None:
+        """Move ``sub`` to exactly the channels ``wanted``."""
+        first: list[str] = []
+        last: list[str] = []
+        for channel in wanted - sub.channels:
+            listeners = self._channels.get(channel)
+            if listeners is None:
+                self._channels[channel] = {sub}
+                first.append(channel)
+            else:
+                listeners.add(sub)
+        for channel in sub.channels - wanted:
+            listeners = self._channels.get(channel)
+            if listeners is None:
+                continue
+            listeners.discard(sub)
+            if not listeners:
+                del self._channels[channel]
+                last.append(channel)
+        sub.channels = wanted
+        if last:
+            self._sink.unsubscribe(last)
+        if first:
+            self._sink.subscribe(first)
+
+    def streams_of(self, user_id: str) -> list[Subscriber]:
+        return list(self._users.get(user_id, ()))
+
+    def subscribers(self) -> list[Subscriber]:
+        return [sub for subs in self._users.values() for sub in subs]
+
+    def channels(self) -> list[str]:
+        """Every channel with at least one local listener (what the broker must deliver)."""
+        return list(self._channels)
+
+    # Hot path --------------------------------------------------------------
+    def dispatch(self, channel: str, payload: bytes) -> None:
+        """A message arrived from the broker: encode it once, queue it for every listener."""
+        self._metrics.messages_in += 1
+        listeners = self._channels.get(channel)
+        if listeners:
+            self._seq += 1
+            event_id = b"%d" % self._seq
+            frame = sse.encode_event(event_id, payload)
+            dirty = self._dirty
+            if not dirty:
+                self._schedule(self.flush)
+            for sub in listeners:
+                sub.last_id = event_id
+                pending = sub.pending
+                if not pending and sub.state is State.LIVE:
+                    dirty.append(sub)
+                pending.append(frame)
+            self._metrics.messages_out += len(listeners)
+        user_id = user_of_channel(channel)
+        if user_id is not None and user_id in self._users:
+            # Forward first, then refresh rights: the notice itself reaches the client.
+            self._on_user_message(user_id)
+
+    def push(self, sub: Subscriber, frame: bytes) -> None:
+        """Queue one frame for one subscriber (keep-alives, statuses)."""
+        if sub.state is State.CLOSED:
+            return
+        if not self._dirty:
+            self._schedule(self.flush)
+        if not sub.pending and sub.state is State.LIVE:
+            self._dirty.append(sub)
+        sub.pending.append(frame)
+
+    def flush(self) -> None:
+        """Write each dirty subscriber's pending frames in one call."""
+        dirty, self._dirty = self._dirty, []
+        now = self._clock()
+        for sub in dirty:
+            try:
+                if not sub.flush(now):
+                    self._metrics.slow_client_cuts += 1
+                    log.info("slow client cut user=%s", sub.user_id)
+            except Exception:
+                # One broken connection must never stop delivery to the others.
+                log.exception("write failed user=%s", sub.user_id)
+
+    def sweep_keepalive(self, interval: float) -> int:
+        """Queue a noop for every live stream silent for ``interval`` seconds; return how many."""
+        deadline = self._clock() - interval
+        count = 0
+        for subs in self._users.values():
+            for sub in subs:
+                if sub.state is State.LIVE and sub.last_write <= deadline and not sub.pending:
+                    self.push(sub, sse.encode_noop(sub.last_id))
+                    count += 1
+        self._metrics.keepalives += count
+        return count

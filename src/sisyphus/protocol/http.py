@@ -1,0 +1,157 @@
+"""HTTP/1.1 request parsing (httptools) and response heads, without I/O.
+
+Owns: turning bytes from a socket into :class:`Request` values, the limits on
+what a peer may send, and the bytes of every response head. Must not know about
+sockets, routes or brokers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import parse_qs
+
+import httptools
+
+from sisyphus.errors import PeerError
+
+
+@dataclass(slots=True)
+class Request:
+    """One parsed request; header names are lower-cased."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+    keep_alive: bool
+    http_version: str
+
+    def query_value(self, name: str) -> str | None:
+        """The first value of a query parameter, or ``None`` if absent."""
+        values = self.query.get(name)
+        return values[0] if values else None
+
+
+@dataclass(slots=True)
+class _Pending:
+    url: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    head_size: int = 0
+    body: list[bytes] = field(default_factory=list)
+    body_size: int = 0
+
+
+class RequestReader:
+    """Feeds bytes to httptools and yields complete requests, enforcing size limits.
+
+    Raises :class:`PeerError` (with the HTTP status to answer) when the peer
+    breaks HTTP or a limit; after that the reader is unusable and the
+    connection should be answered and closed.
+    """
+
+    def __init__(self, max_head_bytes: int, max_body_bytes: int) -> None:
+        self._max_head = max_head_bytes
+        self._max_body = max_body_bytes
+        self._parser = httptools.HttpRequestParser(self)
+        self._pending = _Pending()
+        self._done: list[Request] = []
+        self._header_name = b""
+
+    def feed(self, data: bytes) -> list[Request]:
+        """Parse ``data``; return the requests it completed (pipelining yields several)."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise PeerError(HTTPStatus.BAD_REQUEST, "protocol upgrades are not supported") from None
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, PeerError):
+                raise exc.__context__ from None
+            raise PeerError(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {exc}") from None
+        done, self._done = self._done, []
+        return done
+
+    # httptools callbacks -------------------------------------------------
+    def _count_head(self, size: int) -> None:
+        self._pending.head_size += size
+        if self._pending.head_size > self._max_head:
+            status = (
+                HTTPStatus.REQUEST_URI_TOO_LONG
+                if not self._pending.headers and not self._header_name
+                else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            )
+            raise PeerError(status, f"request head larger than {self._max_head} bytes")
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        self._pending.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        self._pending.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self._pending.body_size += len(body)
+        if self._pending.body_size > self._max_body:
+            raise PeerError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"request body larger than {self._max_body} bytes",
+            )
+        self._pending.body.append(body)
+
+    def on_message_complete(self) -> None:
+        pending, self._pending = self._pending, _Pending()
+        try:
+            url = httptools.parse_url(pending.url)
+            path = url.path.decode("ascii")
+            query_bytes = url.query or b""
+            query = parse_qs(query_bytes.decode("ascii"), keep_blank_values=True)
+            headers = {
+                name.decode("latin-1").lower(): value.decode("latin-1")
+                for name, value in pending.headers
+            }
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, ValueError):
+            raise PeerError(HTTPStatus.BAD_REQUEST, "malformed request target") from None
+        self._done.append(
+            Request(
+                method=self._parser.get_method().decode("ascii"),
+                path=path,
+                query=query,
+                headers=headers,
+                body=b"".join(pending.body),
+                keep_alive=self._parser.should_keep_alive(),
+                http_version=self._parser.get_http_version(),
+            )
+        )
+
+
+# Response heads ------------------------------------------------------------
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/event-stream\r\n"
+    b"Cache-Control: no-cache\r\n"
+    b"Connection: keep-alive\r\n"
+    b"X-Accel-Buffering: no\r\n"
+    b"\r\n"
+)
+
+
+def response(
+    status: HTTPStatus,
+    body: bytes = b"",
+    content_type: str = "application/json",
+    *,
+    keep_alive: bool = False,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    """A complete response with a ``Content-Length``; the body may be empty."""
+    lines = [
+        f"HTTP/1.1 {status.value} {status.phrase}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: " + ("keep-alive" if keep_alive else "close"),
+    ]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

@@ -1,0 +1,68 @@
+"""Server-Sent Events encoding (WHATWG HTML, "Server-sent events").
+
+Owns the exact bytes of every event Sisyphus sends: messages, statuses and
+keep-alives. Must not know about connections or brokers.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+# The standard ends a line at CRLF, a lone CR or a lone LF, and nothing else.
+# str.splitlines() would also split at form feeds, NEL and Unicode separators.
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+class Status(enum.Enum):
+    """The statuses of the seed protocol; all but ``OK`` close the stream."""
+
+    OK = "ok"
+    FAILURE = "failure"  # the user can't be identified
+    ERROR = "error"  # the broker is unreachable
+    DISCONNECTED = "disconnected"  # the user's channel set became empty
+
+    @property
+    def closes(self) -> bool:
+        return self is not Status.OK
+
+
+def status_body(status: Status) -> bytes:
+    """The seed-compatible XML body of a status event."""
+    return b"<message><status>" + status.value.encode("ascii") + b"</status></message>"
+
+
+def data_lines(payload: bytes) -> bytes:
+    """The ``data:`` lines for ``payload``: one per line of it, one for an empty payload."""
+    if b"\n" not in payload and b"\r" not in payload:
+        return b"data: " + payload + b"\n"
+    return b"".join(b"data: " + line + b"\n" for line in _LINE_BREAK.split(payload))
+
+
+def encode_event(event_id: bytes, payload: bytes, retry_ms: int | None = None) -> bytes:
+    """One complete event: ``id:``, optional ``retry:``, the data lines, a blank line.
+
+    ``event_id`` must be non-empty (an empty ``id:`` resets the browser's
+    Last-Event-ID) and hold no line break.
+    """
+    if not event_id or b"\n" in event_id or b"\r" in event_id or b"\x00" in event_id:
+        raise ValueError(f"invalid event id {event_id!r}")
+    head = b"id: " + event_id + b"\n"
+    if retry_ms is not None:
+        if retry_ms < 0:
+            raise ValueError(f"retry must be >= 0 ms, got {retry_ms}")
+        head += b"retry: %d\n" % retry_ms
+    return head + data_lines(payload) + b"\n"
+
+
+def encode_status(event_id: bytes, status: Status, retry_ms: int | None = None) -> bytes:
+    """A status event; closing statuses should carry ``retry_ms`` so clients back off."""
+    return encode_event(event_id, status_body(status), retry_ms)
+
+
+NOOP_PAYLOAD = b"noop"
+
+
+def encode_noop(event_id: bytes) -> bytes:
+    """The keep-alive event; clients discard it."""
+    return encode_event(event_id, NOOP_PAYLOAD)

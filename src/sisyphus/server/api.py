@@ -1,0 +1,154 @@
+"""The publish-and-rights API: ``POST /api/publish``, ``/api/grant``, ``/api/revoke``.
+
+Owns request validation and the API key check. Bodies are JSON:
+
+    publish: {"channel": "room:918", "data": "text or any JSON value"}
+    grant:   {"user": "42", "channels": ["room:918"]}
+    revoke:  {"user": "42", "channels": ["room:918"]}
+
+Without a configured key only loopback clients may call it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+from http import HTTPStatus
+from typing import Any
+
+from sisyphus.brokers.base import Broker
+from sisyphus.errors import ApiError, BrokerUnavailable
+from sisyphus.metrics import Metrics
+from sisyphus.protocol import http
+from sisyphus.protocol.names import InvalidName, check_channel, check_user_id
+from sisyphus.protocol.rights import rights_notice
+
+ROUTES = ("/api/publish", "/api/grant", "/api/revoke")
+MAX_CHANNELS_PER_CALL = 1000
+
+
+def _json(status: HTTPStatus, body: dict[str, Any], keep_alive: bool) -> bytes:
+    return http.response(status, json.dumps(body).encode(), keep_alive=keep_alive)
+
+
+def is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def bearer_token(request: http.Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+class Api:
+    def __init__(self, broker: Broker, api_key: str | None, metrics: Metrics) -> None:
+        self._broker = broker
+        self._key = api_key.encode() if api_key else None
+        self._metrics = metrics
+
+    def _authorize(self, request: http.Request, peer_host: str | None) -> None:
+        if self._key is None:
+            if not is_loopback(peer_host):
+                raise ApiError(
+                    HTTPStatus.FORBIDDEN,
+                    "no API key is configured, so only loopback clients may use the API",
+                )
+            return
+        given = bearer_token(request)
+        # Constant-time: the comparison must not tell how much of a guess was right.
+        if given is None or not hmac.compare_digest(given.encode(), self._key):
+            raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong API key")
+
+    async def handle(self, request: http.Request, peer_host: str | None) -> bytes:
+        """Answer one API request with a complete response."""
+        self._metrics.api_requests += 1
+        keep = request.keep_alive
+        if request.method != "POST":
+            self._metrics.api_rejected += 1
+            return http.response(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                b'{"error": "use POST"}',
+                keep_alive=keep,
+                headers=(("Allow", "POST"),),
+            )
+        try:
+            self._authorize(request, peer_host)
+            body = self._parse(request)
+            if request.path == "/api/publish":
+                result = await self._publish(body)
+            else:
+                result = await self._rights(request.path.rsplit("/", 1)[1], body)
+        except ApiError as exc:
+            self._metrics.api_rejected += 1
+            headers = (("WWW-Authenticate", "Bearer"),) if exc.status == 401 else ()
+            return http.response(
+                exc.status,
+                json.dumps({"error": str(exc)}).encode(),
+                keep_alive=keep,
+                headers=headers,
+            )
+        except BrokerUnavailable as exc:
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)}, keep)
+        return _json(HTTPStatus.OK, result, keep)
+
+    @staticmethod
+    def _parse(request: http.Request) -> dict[str, Any]:
+        try:
+            body = json.loads(request.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
+        return body
+
+    async def _publish(self, body: dict[str, Any]) -> dict[str, Any]:
+        channel = body.get("channel")
+        if not isinstance(channel, str):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"channel" (a string) is required')
+        if "data" not in body:
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"data" is required')
+        data = body["data"]
+        # A string is sent as is; any other JSON value as its compact JSON text.
+        text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+        try:
+            check_channel(channel)
+        except InvalidName as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        await self._broker.publish(channel, text.encode("utf-8", "surrogatepass"))
+        return {"published": True, "channel": channel}
+
+    async def _rights(self, change: str, body: dict[str, Any]) -> dict[str, Any]:
+        user = body.get("user")
+        channels = body.get("channels")
+        if not isinstance(user, str):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"user" (a string) is required')
+        if (
+            not isinstance(channels, list)
+            or not channels
+            or not all(isinstance(c, str) for c in channels)
+        ):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"channels" must be a non-empty list of strings')
+        if len(channels) > MAX_CHANNELS_PER_CALL:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"at most {MAX_CHANNELS_PER_CALL} channels per call"
+            )
+        try:
+            check_user_id(user)
+            for channel in channels:
+                check_channel(channel)
+        except InvalidName as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        if change == "grant":
+            await self._broker.grant(user, channels, rights_notice("granted", channels))
+            return {"user": user, "granted": sorted(set(channels))}
+        await self._broker.revoke(user, channels, rights_notice("revoked", channels))
+        return {"user": user, "revoked": sorted(set(channels))}

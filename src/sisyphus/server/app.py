@@ -1,0 +1,145 @@
+"""The service: wires broker, hub, streams and API, runs the server, stops it.
+
+Owns the process's lifecycle: start (broker first, then the listening
+socket), the one periodic keep-alive sweep, and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from sisyphus.brokers.base import Broker
+from sisyphus.brokers.memory import MemoryBroker
+from sisyphus.brokers.redis import RedisBroker
+from sisyphus.config import Settings
+from sisyphus.hub.hub import Hub
+from sisyphus.metrics import Metrics
+from sisyphus.server.api import Api
+from sisyphus.server.connection import HttpConnection
+from sisyphus.server.streams import Streams
+
+log = logging.getLogger("sisyphus")
+
+# The sweep looks for silent streams this many times per keep-alive interval, so a
+# noop goes out between 1x and 1.25x the interval after the last event.
+SWEEPS_PER_INTERVAL = 4
+
+
+def make_broker(settings: Settings) -> Broker:
+    if settings.redis_url:
+        return RedisBroker(settings.redis_url, timeout=settings.broker_timeout)
+    return MemoryBroker()
+
+
+class Service:
+    """One Sisyphus process. ``await start()``, then ``await stop()``."""
+
+    def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.broker = broker if broker is not None else make_broker(settings)
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self.hub = Hub(
+            sink=self.broker,
+            schedule=loop.call_soon,
+            clock=loop.time,
+            metrics=self.metrics,
+            on_user_message=self._on_user_message,
+        )
+        self.streams = Streams(settings, self.broker, self.hub, self.metrics, loop)
+        self.api = Api(self.broker, settings.api_key, self.metrics)
+        self.broker.bind(self.hub.dispatch, self.streams.on_broker_lost)
+
+    def _on_user_message(self, user_id: str) -> None:
+        self.streams.on_user_message(user_id)
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with ``port=0``)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the service is not listening")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        settings = self.settings
+        await self.broker.start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpConnection(self),
+            settings.host,
+            settings.port,
+            reuse_address=True,
+            backlog=4096,
+        )
+        self._sweeper = loop.create_task(self._sweep())
+        if isinstance(self.broker, MemoryBroker):
+            log.warning(
+                "embedded broker: messages and rights live in this process only; "
+                "publish and grant through the HTTP API or `sisyphus publish/grant`"
+            )
+        else:
+            log.info("broker: redis at %s", _redact_url(settings.redis_url or ""))
+        if settings.api_key is None:
+            log.warning("no API key: only loopback clients may publish, grant or revoke")
+        log.info("listening on http://%s:%d", settings.host, self.port)
+
+    async def _sweep(self) -> None:
+        interval = self.settings.keepalive
+        while True:
+            await asyncio.sleep(interval / SWEEPS_PER_INTERVAL)
+            self.hub.sweep_keepalive(interval)
+
+    async def stop(self) -> None:
+        """Stop accepting, close every stream, disconnect the broker."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for sub in self.hub.subscribers():
+            self.hub.remove(sub)
+            sub.transport.close()
+        await self.streams.wait_idle()
+        await self.broker.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def run_until_signalled(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping")
+        await self.stop()
+
+
+def _redact_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+def run(settings: Settings) -> None:
+    """Run the service until SIGINT/SIGTERM, on uvloop when available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        asyncio.run(_main(settings))
+    else:
+        uvloop.run(_main(settings))
+
+
+async def _main(settings: Settings) -> None:
+    service = Service(settings)
+    await service.run_until_signalled()

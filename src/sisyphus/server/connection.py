@@ -1,0 +1,127 @@
+"""One client socket: bytes in -> requests -> a route; responses and events out.
+
+An ``asyncio.Protocol`` on httptools, no framework. Once a request becomes an
+event stream the parser is dropped (an idle stream keeps only a few small
+objects) and further input is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from http import HTTPStatus
+from typing import TYPE_CHECKING, cast
+
+from sisyphus.errors import PeerError
+from sisyphus.hub.subscriber import Subscriber
+from sisyphus.protocol import http
+from sisyphus.server import api
+
+if TYPE_CHECKING:
+    from sisyphus.server.app import Service
+
+log = logging.getLogger("sisyphus.http")
+
+STREAM_PATH = "/"
+
+
+class HttpConnection(asyncio.Protocol):
+    __slots__ = ("_peer", "_queue", "_reader", "_service", "_task", "subscriber", "transport")
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+        self.transport: asyncio.Transport | None = None
+        self._reader: http.RequestReader | None = None
+        self._queue: collections.deque[http.Request] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self._peer: str | None = None
+        self.subscriber: Subscriber | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        settings = self._service.settings
+        self._reader = http.RequestReader(settings.max_head_bytes, settings.max_message_bytes)
+        peer = self.transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) else None
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        if reader is None:
+            return  # a stream is open (or the connection is ending): input is ignored
+        try:
+            requests = reader.feed(data)
+        except PeerError as exc:
+            self._reject(exc.status, str(exc))
+            return
+        if not requests:
+            return
+        self._queue.extend(requests)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def _reject(self, status: HTTPStatus, message: str) -> None:
+        self._service.metrics.bad_requests += 1
+        self._reader = None
+        self._queue.clear()
+        log.info("bad request from %s: %s", self._peer, message)
+        if self.transport is not None and not self.transport.is_closing():
+            body = json.dumps({"error": message}).encode()
+            self.transport.write(http.response(status, body))
+            self.transport.close()
+
+    async def _serve(self) -> None:
+        """Answer queued requests in order (HTTP/1.1 pipelining keeps responses ordered)."""
+        transport = self.transport
+        if transport is None:
+            return
+        try:
+            while self._queue and not transport.is_closing():
+                request = self._queue.popleft()
+                if request.path == STREAM_PATH:
+                    if request.method != "GET":
+                        transport.write(
+                            http.response(
+                                HTTPStatus.METHOD_NOT_ALLOWED,
+                                b'{"error": "use GET"}',
+                                headers=(("Allow", "GET"),),
+                            )
+                        )
+                        transport.close()
+                        return
+                    self._reader = None  # the connection is a stream from now on
+                    self._queue.clear()
+                    await self._service.streams.open(self, transport, request)
+                    return
+                if request.path in api.ROUTES:
+                    answer = await self._service.api.handle(request, self._peer)
+                else:
+                    self._service.metrics.bad_requests += 1
+                    answer = http.response(
+                        HTTPStatus.NOT_FOUND,
+                        b'{"error": "not found"}',
+                        keep_alive=request.keep_alive,
+                    )
+                transport.write(answer)
+                if not request.keep_alive:
+                    transport.close()
+                    return
+        except Exception:
+            # The process never dies of a request: log it, answer 500 if nothing was sent.
+            log.exception("request from %s failed", self._peer)
+            if self.subscriber is None and not transport.is_closing():
+                transport.write(http.response(HTTPStatus.INTERNAL_SERVER_ERROR, b"{}"))
+            transport.close()
+        finally:
+            self._task = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._reader = None
+        self._queue.clear()
+        if self.subscriber is not None:
+            self._service.streams.detach(self.subscriber)
+            self.subscriber = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
