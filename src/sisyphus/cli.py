@@ -24,10 +24,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             option.flag,
             dest=option.name,
             metavar=option.metavar,
-            help=f"{option.help} (env {option.env}, default {default})",
+            help=f"{option.help} (env {option.env}, default {default})".replace("%", "%%"),
         )
-    # The seed's name for it: `--redis URL` is `--redis-url URL`.
-    serve.add_argument("--redis", dest="redis_url", metavar="URL", help=argparse.SUPPRESS)
 
 
 def _target_flags(parser: argparse.ArgumentParser) -> None:

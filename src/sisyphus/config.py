@@ -48,10 +48,13 @@ def _log_level(text: str) -> str:
     return level
 
 
-def _setting(default: Any, parse: Callable[[str], Any], help: str, metavar: str) -> Any:
+def _setting(
+    default: Any, parse: Callable[[str], Any], help: str, metavar: str, flag: str = ""
+) -> Any:
     """A settings field whose metadata tells how to read it from a flag or variable."""
     return dataclasses.field(
-        default=default, metadata={"parse": parse, "help": help, "metavar": metavar}
+        default=default,
+        metadata={"parse": parse, "help": help, "metavar": metavar, "flag": flag},
     )
 
 
@@ -66,6 +69,7 @@ class Settings:
         _optional_str,
         "Redis/Valkey URL such as redis://localhost:6379/0; without it the embedded broker runs",
         "URL",
+        flag="--redis",
     )
     keepalive: float = _setting(
         15.0, _positive_float, "seconds of silence before a noop", "SECONDS"
@@ -121,18 +125,22 @@ class Option:
     default: Any
     help: str
     metavar: str
+    flag: str
 
     @property
     def env(self) -> str:
         return "SISYPHUS_" + self.name.upper()
 
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
 
 OPTIONS: tuple[Option, ...] = tuple(
-    Option(f.name, f.metadata["parse"], f.default, f.metadata["help"], f.metadata["metavar"])
+    Option(
+        name=f.name,
+        parse=f.metadata["parse"],
+        default=f.default,
+        help=f.metadata["help"],
+        metavar=f.metadata["metavar"],
+        flag=f.metadata["flag"] or "--" + f.name.replace("_", "-"),
+    )
     for f in dataclasses.fields(Settings)
 )
 

@@ -23,7 +23,10 @@ from typing import Any, TypeVar, cast
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 
 from sisyphus.brokers import backoff
 from sisyphus.brokers.base import LostHandler, MessageHandler
@@ -36,6 +39,10 @@ T = TypeVar("T")
 
 # Channels per SUBSCRIBE command when resubscribing after a reconnect.
 SUBSCRIBE_BATCH = 1000
+
+
+class WrongType(Exception):
+    """A key the contract expects to be a SET holds another type."""
 
 
 def _drop(channel: str, payload: bytes) -> None:
@@ -93,7 +100,12 @@ class RedisBroker:
         self._backoff_cap = backoff_cap
         self._params: dict[str, Any] = dict(parse_url(url))
         self._commands = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # A pooled connection may have died with a Redis restart: retry once on a new one.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
         )
         self._on_message: MessageHandler = _drop
         self._on_lost: LostHandler = _ignore
@@ -281,14 +293,24 @@ class RedisBroker:
         try:
             async with asyncio.timeout(self._timeout):
                 return await awaitable
+        except ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                raise WrongType(str(exc)) from None
+            raise BrokerUnavailable(f"redis refused a command: {exc}") from None
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None
 
     async def user_channels(self, user_id: str) -> set[str] | None:
         # SMEMBERS of a missing key is empty, and Redis deletes empty sets: empty = unknown.
-        members: set[bytes] = await self._call(
-            self._commands.smembers(channels_key(user_id))  # type: ignore[arg-type]
-        )
+        try:
+            members: set[bytes] = await self._call(
+                self._commands.smembers(channels_key(user_id))  # type: ignore[arg-type]
+            )
+        except WrongType:
+            log.warning(
+                "%s is not a SET: user=%s treated as unknown", channels_key(user_id), user_id
+            )
+            return None
         if not members:
             return None
         return {member.decode("utf-8", "replace") for member in members}

@@ -57,7 +57,10 @@ class RequestReader:
         self._parser = httptools.HttpRequestParser(self)
         self._pending = _Pending()
         self._done: list[Request] = []
-        self._header_name = b""
+        # Bytes fed while a request head is incomplete: httptools buffers a header
+        # internally until its line ends, so this is what bounds that buffer.
+        self._unfinished_head = 0
+        self._in_head = True
 
     def feed(self, data: bytes) -> list[Request]:
         """Parse ``data``; return the requests it completed (pipelining yields several)."""
@@ -69,27 +72,41 @@ class RequestReader:
             if isinstance(exc.__context__, PeerError):
                 raise exc.__context__ from None
             raise PeerError(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {exc}") from None
+        if self._in_head:
+            self._unfinished_head += len(data)
+            if self._unfinished_head > self._max_head:
+                self._too_large(url=not self._pending.headers)
         done, self._done = self._done, []
         return done
 
     # httptools callbacks -------------------------------------------------
-    def _count_head(self, size: int) -> None:
+    def _too_large(self, url: bool) -> None:
+        status = (
+            HTTPStatus.REQUEST_URI_TOO_LONG if url else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+        )
+        what = "request line" if url else "request head"
+        raise PeerError(status, f"{what} larger than {self._max_head} bytes")
+
+    def _count_head(self, size: int, url: bool) -> None:
         self._pending.head_size += size
         if self._pending.head_size > self._max_head:
-            status = (
-                HTTPStatus.REQUEST_URI_TOO_LONG
-                if not self._pending.headers and not self._header_name
-                else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
-            )
-            raise PeerError(status, f"request head larger than {self._max_head} bytes")
+            self._too_large(url)
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._unfinished_head = 0
 
     def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
+        self._count_head(len(url), url=True)
         self._pending.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
+        self._count_head(len(name) + len(value) + 4, url=False)
         self._pending.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._unfinished_head = 0
 
     def on_body(self, body: bytes) -> None:
         self._pending.body_size += len(body)
@@ -101,6 +118,7 @@ class RequestReader:
         self._pending.body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True
         pending, self._pending = self._pending, _Pending()
         try:
             url = httptools.parse_url(pending.url)

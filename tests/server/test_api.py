@@ -1,0 +1,170 @@
+"""The publish-and-rights API and the HTTP edges: keys, bad bodies, 404, 405."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from http import HTTPStatus
+
+import pytest
+
+from sisyphus.brokers.memory import MemoryBroker
+from sisyphus.metrics import Metrics
+from sisyphus.protocol.http import Request
+from sisyphus.server.api import Api
+from sisyphus.server.app import Service
+from tests.conftest import ServiceFactory, api, grant
+from tests.support.sse_client import SseClient, status
+
+
+async def raw_request(port: int, data: bytes) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_api_key_is_required_when_configured(make_service: ServiceFactory) -> None:
+    """With an API key set, calls without it or with a wrong one get 401 and change nothing."""
+    service = await make_service(api_key="s3cret")
+    body = {"user": "1", "channels": ["room:5"]}
+    assert (await api(service.port, "/api/grant", body))[0] == 401
+    assert (await api(service.port, "/api/grant", body, api_key="wrong"))[0] == 401
+    assert (await api(service.port, "/api/grant", body, api_key="s3cre"))[0] == 401
+    client = await SseClient.open(service.port, "user=1")
+    assert [e.data for e in await client.until_closed()] == [status("failure")]
+    status_code, answer = await api(service.port, "/api/grant", body, api_key="s3cret")
+    assert (status_code, answer) == (200, {"user": "1", "granted": ["room:5"]})
+    client = await SseClient.open(service.port, "user=1")
+    assert (await client.expect()).data == status("ok")
+    publish = {"channel": "room:5", "data": "x"}
+    assert (await api(service.port, "/api/publish", publish))[0] == 401
+    assert (await api(service.port, "/api/publish", publish, api_key="s3cret"))[0] == 200
+    assert (await client.next_message()).data == "x"
+
+
+async def test_without_key_only_loopback_may_call() -> None:
+    """Without a key, a non-loopback peer gets 403 and nothing is published."""
+    received: list[tuple[str, bytes]] = []
+    broker = MemoryBroker()
+    broker.bind(lambda channel, payload: received.append((channel, payload)), lambda: None)
+    broker.subscribe(["room:5"])
+    handler = Api(broker, None, Metrics())
+    request = Request(
+        method="POST",
+        path="/api/publish",
+        query={},
+        headers={},
+        body=b'{"channel": "room:5", "data": "x"}',
+        keep_alive=False,
+        http_version="1.1",
+    )
+    answer = await handler.handle(request, "203.0.113.9")
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert received == []
+    answer = await handler.handle(request, "127.0.0.1")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    answer = await handler.handle(request, "::1")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert received == [("room:5", b"x"), ("room:5", b"x")]
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "message"),
+    [
+        ("/api/publish", {"data": "x"}, "channel"),
+        ("/api/publish", {"channel": "room:5"}, "data"),
+        ("/api/publish", {"channel": "room 5", "data": "x"}, "invalid channel"),
+        ("/api/publish", {"channel": "*", "data": "x"}, "invalid channel"),
+        ("/api/grant", {"user": "1:channels", "channels": ["room:5"]}, "invalid user id"),
+        ("/api/grant", {"user": "../2", "channels": ["room:5"]}, "invalid user id"),
+        ("/api/grant", {"user": "1", "channels": []}, "non-empty list"),
+        ("/api/grant", {"user": "1", "channels": "room:5"}, "non-empty list"),
+        ("/api/revoke", {"user": 1, "channels": ["room:5"]}, "user"),
+        ("/api/revoke", {"user": "1", "channels": ["room:5", 7]}, "non-empty list"),
+    ],
+)
+async def test_invalid_api_bodies_get_400_naming_the_problem(
+    service: Service, route: str, body: dict[str, object], message: str
+) -> None:
+    """A malformed call gets 400 with an error that says what is wrong."""
+    status_code, answer = await api(service.port, route, body)
+    assert status_code == 400
+    assert message in answer["error"]
+
+
+async def test_non_json_body_gets_400(service: Service) -> None:
+    """A body that isn't JSON gets 400, and the service keeps serving."""
+    data = (
+        b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Connection: close\r\n\r\nabc"
+    )
+    answer = await raw_request(service.port, data)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"not valid JSON" in answer
+    await grant(service.port, "1", "room:5")
+
+
+async def test_oversized_body_gets_413(make_service: ServiceFactory) -> None:
+    """A body over the message size limit gets 413 and is not published."""
+    service = await make_service(max_message_bytes=100)
+    body = json.dumps({"channel": "room:5", "data": "x" * 200}).encode()
+    head = f"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    answer = await raw_request(service.port, head.encode() + body)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+
+
+async def test_json_values_are_published_as_json_text(service: Service) -> None:
+    """Publishing a JSON object sends its compact JSON text to the browser."""
+    await grant(service.port, "1", "room:5")
+    client = await SseClient.open(service.port, "user=1")
+    assert (await client.expect()).data == status("ok")
+    status_code, _ = await api(
+        service.port, "/api/publish", {"channel": "room:5", "data": {"a": [1, 2]}}
+    )
+    assert status_code == 200
+    assert (await client.next_message()).data == '{"a":[1,2]}'
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "expected"),
+    [
+        (b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", HTTPStatus.NOT_FOUND),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", HTTPStatus.METHOD_NOT_ALLOWED),
+        (b"DELETE /?user=1 HTTP/1.1\r\nHost: x\r\n\r\n", HTTPStatus.METHOD_NOT_ALLOWED),
+        (
+            b"GET /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            HTTPStatus.METHOD_NOT_ALLOWED,
+        ),
+        (b"\x16\x03\x01\x02\x00garbage\r\n\r\n", HTTPStatus.BAD_REQUEST),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", HTTPStatus.REQUEST_URI_TOO_LONG),
+        (
+            b"GET / HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+        ),
+    ],
+)
+async def test_wrong_paths_methods_and_garbage_get_clear_http_errors(
+    service: Service, request_bytes: bytes, expected: HTTPStatus
+) -> None:
+    """Unknown paths get 404, wrong methods 405, garbage 400; the service stays up."""
+    answer = await raw_request(service.port, request_bytes)
+    assert answer.startswith(f"HTTP/1.1 {expected.value} ".encode())
+    await grant(service.port, "1", "room:5")  # still serving
+
+
+async def test_keep_alive_api_requests_are_answered_in_order(service: Service) -> None:
+    """Pipelined API requests on one connection get their answers in order."""
+    one = json.dumps({"user": "1", "channels": ["room:5"]}).encode()
+    two = json.dumps({"user": "1", "channels": ["room:6"]}).encode()
+    data = (
+        b"POST /api/grant HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        b"POST /api/revoke HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+    ) % (len(one), one, len(two), two)
+    answer = await raw_request(service.port, data)
+    assert answer.count(b"HTTP/1.1 200 OK") == 2
+    assert answer.index(b'"granted"') < answer.index(b'"revoked"')

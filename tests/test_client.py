@@ -1,0 +1,72 @@
+"""The Python helper a main application imports, against a running service."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from sisyphus import client as helper
+from sisyphus.server.app import Service
+from tests.conftest import ServiceFactory
+from tests.support.sse_client import SseClient, status
+
+
+def publisher_for(service: Service, broker_kind: str) -> helper.Publisher:
+    """The way a main app would reach this service: HTTP, or straight Redis when it has one."""
+    if broker_kind == "redis":
+        assert service.settings.redis_url is not None
+        return helper.connect(redis_url=service.settings.redis_url)
+    return helper.connect(url=f"http://127.0.0.1:{service.port}")
+
+
+async def test_helper_grants_publishes_and_revokes(service: Service, broker_kind: str) -> None:
+    """grant() lets a user in, publish() reaches it, revoke() of the last channel disconnects it."""
+    publisher = publisher_for(service, broker_kind)
+    await asyncio.to_thread(publisher.grant, "5", ["room:1", "room:2"])
+    client = await SseClient.open(service.port, "user=5")
+    assert (await client.expect()).data == status("ok")
+    await asyncio.to_thread(publisher.publish, "room:2", "from the app")
+    assert (await client.next_message()).data == "from the app"
+    await asyncio.to_thread(publisher.publish, "room:1", b"bytes too")
+    assert (await client.next_message()).data == "bytes too"
+    await asyncio.to_thread(publisher.revoke, "5", ["room:1", "room:2"])
+    events = [e.data for e in await client.until_closed() if not e.is_noop]
+    assert events[-1] == status("disconnected")
+
+
+@pytest.mark.parametrize(
+    ("call", "args", "message"),
+    [
+        ("grant", ("1:channels", ["room:1"]), "invalid user id"),
+        ("grant", ("1", []), "at least one channel"),
+        ("revoke", ("1", ["bad*"]), "invalid channel"),
+    ],
+)
+async def test_helper_refuses_invalid_names(
+    service: Service, broker_kind: str, call: str, args: tuple[object, ...], message: str
+) -> None:
+    """The helper raises SisyphusClientError with a clear message before touching anything."""
+    publisher = publisher_for(service, broker_kind)
+    with pytest.raises(helper.SisyphusClientError, match=message):
+        await asyncio.to_thread(getattr(publisher, call), *args)
+
+
+async def test_http_helper_sends_the_api_key(make_service: ServiceFactory) -> None:
+    """HttpPublisher with the right key is accepted; without it the error says 401."""
+    service = await make_service(api_key="abc")
+    url = f"http://127.0.0.1:{service.port}"
+    with pytest.raises(helper.SisyphusClientError, match="401"):
+        await asyncio.to_thread(helper.HttpPublisher(url).grant, "1", ["room:1"])
+    await asyncio.to_thread(helper.HttpPublisher(url, api_key="abc").grant, "1", ["room:1"])
+
+
+async def test_redis_helper_reports_an_unreachable_redis() -> None:
+    """RedisPublisher against a dead Redis raises SisyphusClientError, not a redis exception."""
+    from tests.support.redis_server import free_port
+
+    publisher = helper.RedisPublisher(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    with pytest.raises(helper.SisyphusClientError, match="redis"):
+        publisher.publish("room:1", "x")
+    assert isinstance(redis.RedisError, type)
