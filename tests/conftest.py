@@ -70,8 +70,9 @@ async def make_service(
         redis_url = server.url
 
     async def make(**overrides: Any) -> Service:
+        extra = {"wall_clock": overrides.pop("wall_clock")} if "wall_clock" in overrides else {}
         settings = Settings(port=0, keepalive=0.3, redis_url=redis_url).replace(**overrides)
-        service = Service(settings)
+        service = Service(settings, **extra)
         await service.start()
         started.append(service)
         return service

@@ -40,11 +40,12 @@ class Served:
         self.log = b""
 
 
-async def start_serve(*args: str) -> Served:
+async def start_serve(*args: str, env: dict[str, str] | None = None) -> Served:
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         *SISYPHUS, "serve", "--port", str(port), "--keepalive", "0.5", *args,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )  # fmt: skip
     served = Served(process, port)
     assert process.stderr is not None
@@ -158,3 +159,23 @@ async def test_serve_on_redis_with_cli_writing_straight_to_redis(redis_server: R
         await client.close()
     finally:
         await stop_serve(served)
+
+
+async def test_token_command_mints_a_token_the_service_accepts() -> None:
+    """`sisyphus token 42` prints a token that opens user 42's stream."""
+    secret = "cli-secret-long-enough-for-hs256-0123456789"
+    served = await start_serve(env={"SISYPHUS_SECRET": secret})
+    try:
+        await run_cli("grant", "42", "room:1", "--url", served.url)
+        minted = await run_cli("token", "42", "--ttl", "60", env={"SISYPHUS_SECRET": secret})
+        assert minted.returncode == 0, minted.stderr
+        token = minted.stdout.strip()
+        client = await SseClient.open(served.port, f"token={token}")
+        assert (await client.expect()).data == status("ok")
+        refused = await SseClient.open(served.port, "user=42")
+        assert [e.data for e in await refused.until_closed()] == [status("failure")]
+    finally:
+        await stop_serve(served)
+    missing = await run_cli("token", "42", env={"SISYPHUS_SECRET": ""})
+    assert missing.returncode == 2
+    assert "SISYPHUS_SECRET" in missing.stderr

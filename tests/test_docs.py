@@ -17,5 +17,5 @@ def test_every_option_is_in_the_configuration_table(option: Option) -> None:
     rows = [line for line in README.splitlines() if line.startswith(f"| `{option.flag} ")]
     assert len(rows) == 1, option.flag
     assert f"`{option.env}`" in rows[0]
-    default = "(none)" if option.default is None else f"`{option.default}`"
+    default = "(none)" if option.default in (None, ()) else f"`{option.default}`"
     assert default in rows[0]

@@ -58,6 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("channel", help="e.g. room:918")
     publish.add_argument("data", help="the message; '-' reads it from standard input")
     _target_flags(publish)
+    token = sub.add_parser(
+        "token",
+        help="mint a signed user token",
+        description="Print a token that lets USER listen; sign it with SISYPHUS_SECRET.",
+    )
+    token.add_argument("user", help="the user id (the token's `sub`)")
+    token.add_argument(
+        "--ttl", type=float, default=3600.0, help="seconds until it expires (default %(default)s)"
+    )
+    token.add_argument(
+        "--secret",
+        default=os.environ.get("SISYPHUS_SECRET"),
+        help="the HMAC secret (env SISYPHUS_SECRET)",
+    )
+    token.add_argument("--algorithm", default="HS256", choices=["HS256", "HS384", "HS512"])
+    token.add_argument("--audience", default=os.environ.get("SISYPHUS_AUDIENCE"))
+    token.add_argument("--issuer", default=os.environ.get("SISYPHUS_ISSUER"))
     for verb, text in (("grant", "let a user read channels"), ("revoke", "take channels away")):
         rights = sub.add_parser(verb, help=text)
         rights.add_argument("user", help="the user id")
@@ -70,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "token":
+        return _token(args)
     publisher = client.connect(url=args.url, redis_url=args.redis, api_key=args.api_key)
     try:
         if args.command == "publish":
@@ -82,6 +101,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except client.SisyphusClientError as exc:
         print(f"sisyphus {args.command}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    if not args.secret:
+        print("sisyphus token: give --secret or set SISYPHUS_SECRET", file=sys.stderr)
+        return 2
+    try:
+        token = client.mint_token(
+            args.secret,
+            args.user,
+            ttl=args.ttl,
+            algorithm=args.algorithm,
+            audience=args.audience,
+            issuer=args.issuer,
+        )
+    except ValueError as exc:
+        print(f"sisyphus token: {exc}", file=sys.stderr)
+        return 1
+    print(token)
     return 0
 
 

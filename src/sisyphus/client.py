@@ -10,6 +10,9 @@ Two ways, one interface (:class:`Publisher`):
 
 Both are synchronous (a web request handler calls them) and raise
 :class:`SisyphusClientError` with a message saying what went wrong.
+
+:func:`mint_token` signs the expiring token a browser connects with:
+``mint_token(secret, "42", ttl=3600)``, then ``/?token=<token>``.
 """
 
 from __future__ import annotations
@@ -22,9 +25,20 @@ from typing import Any, Protocol
 
 import redis
 
+from sisyphus.protocol.auth import mint_token
 from sisyphus.protocol.names import InvalidName, channels_key, check_channel, check_user_id
 from sisyphus.protocol.names import user_channel as _user_channel
 from sisyphus.protocol.rights import rights_notice
+
+__all__ = [
+    "DEFAULT_URL",
+    "HttpPublisher",
+    "Publisher",
+    "RedisPublisher",
+    "SisyphusClientError",
+    "connect",
+    "mint_token",
+]
 
 DEFAULT_URL = "http://127.0.0.1:3001"
 

@@ -8,12 +8,14 @@ Values are validated at start-up with a message naming the variable and value.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sisyphus.errors import ConfigError
+from sisyphus.protocol.auth import MIN_SECRET_LENGTH
 
 
 def _positive_float(text: str) -> float:
@@ -41,6 +43,85 @@ def _optional_str(text: str) -> str | None:
     return text or None
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _timestamp(text: str) -> float | None:
+    """Epoch seconds, or an ISO 8601 date-time with a time zone (2026-12-31T00:00:00Z)."""
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    moment = datetime.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError("give a time zone, e.g. 2026-12-31T00:00:00Z")
+    return moment.timestamp()
+
+
+def _secret(text: str) -> str | None:
+    if not text:
+        return None
+    if len(text.encode()) < MIN_SECRET_LENGTH:
+        raise ValueError(f"too short: a token secret needs at least {MIN_SECRET_LENGTH} bytes")
+    return text
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+_SYMMETRIC = {"HS256", "HS384", "HS512"}
+_ASYMMETRIC = {
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+}
+
+
+def _algorithms(text: str) -> tuple[str, ...]:
+    names = _csv(text)
+    unknown = [name for name in names if name not in _SYMMETRIC | _ASYMMETRIC]
+    if unknown or not names:
+        raise ValueError(f"unsupported {unknown or 'empty list'}; use e.g. HS256, RS256, ES256")
+    return names
+
+
+def _public_key(text: str) -> str | None:
+    """A PEM public key, given inline or as the path of a file holding it."""
+    if not text:
+        return None
+    if text.lstrip().startswith("-----BEGIN"):
+        return text
+    try:
+        with open(text) as pem:
+            content = pem.read()
+    except OSError as exc:
+        raise ValueError(f"can't read the key file: {exc.strerror}") from None
+    if "-----BEGIN" not in content:
+        raise ValueError("the file holds no PEM key")
+    return content
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -49,11 +130,20 @@ def _log_level(text: str) -> str:
 
 
 def _setting(
-    default: Any, parse: Callable[[str], Any], help: str, metavar: str, flag: str = ""
+    default: Any,
+    parse: Callable[[str], Any],
+    help: str,
+    metavar: str,
+    flag: str = "",
+    secret: bool = False,
 ) -> Any:
-    """A settings field whose metadata tells how to read it from a flag or variable."""
+    """A settings field whose metadata tells how to read it from a flag or variable.
+
+    A ``secret`` field is left out of the settings' repr, so it never reaches a log.
+    """
     return dataclasses.field(
         default=default,
+        repr=not secret,
         metadata={"parse": parse, "help": help, "metavar": metavar, "flag": flag},
     )
 
@@ -79,6 +169,58 @@ class Settings:
         _optional_str,
         "key for the publish/grant/revoke API; without it only loopback clients may call it",
         "KEY",
+        secret=True,
+    )
+    secret: str | None = _setting(
+        None,
+        _secret,
+        "HMAC secret that signs user tokens; without it (and without --public-key) the "
+        "service runs in development mode where anyone may listen as anyone with ?user=",
+        "SECRET",
+        secret=True,
+    )
+    previous_secret: str | None = _setting(
+        None,
+        _secret,
+        "the secret before the last rotation; its tokens stay valid until --previous-secret-until",
+        "SECRET",
+        secret=True,
+    )
+    previous_secret_until: float | None = _setting(
+        None,
+        _timestamp,
+        "when the previous secret stops being accepted (epoch seconds or ISO 8601 with zone)",
+        "TIME",
+    )
+    public_key: str | None = _setting(
+        None,
+        _public_key,
+        "PEM public key (inline, or a file path) that verifies RS/ES-signed user tokens",
+        "PEM",
+    )
+    algorithms: tuple[str, ...] | None = _setting(
+        None,
+        _algorithms,
+        "accepted token algorithms, comma-separated (default HS256 with a secret, "
+        "RS256,ES256 with a public key); never taken from the token",
+        "LIST",
+    )
+    audience: str | None = _setting(
+        None, _optional_str, "required `aud` claim of user tokens", "AUD"
+    )
+    issuer: str | None = _setting(None, _optional_str, "required `iss` claim of user tokens", "ISS")
+    leeway: float = _setting(
+        10.0, _non_negative_float, "seconds of clock skew allowed on exp/nbf/iat", "SECONDS"
+    )
+    token_cookie: str = _setting(
+        "sisyphus_token", str, "name of the cookie that may carry the user token", "NAME"
+    )
+    cors_origins: tuple[str, ...] = _setting(
+        (),
+        _csv,
+        "origins allowed to connect from other sites, comma-separated, or * "
+        "(then without credentials); none by default",
+        "LIST",
     )
     retry_ms: int = _setting(
         5000,
@@ -98,6 +240,27 @@ class Settings:
         "unsent bytes a connection may hold before it is cut as a slow client",
         "BYTES",
     )
+    max_connections: int = _setting(
+        0,
+        _non_negative_int,
+        "streams one process holds at most; 0 means the open-file limit minus 64",
+        "COUNT",
+    )
+    max_connections_per_user: int = _setting(
+        32, _positive_int, "streams one user may hold at once in one process", "COUNT"
+    )
+    max_channels_per_user: int = _setting(
+        1000, _positive_int, "channels a user may read; a larger set is refused", "COUNT"
+    )
+    header_timeout: float = _setting(
+        10.0,
+        _positive_float,
+        "seconds a client has to send its request head; slower senders are cut",
+        "SECONDS",
+    )
+    max_last_event_id_bytes: int = _setting(
+        128, _positive_int, "longest Last-Event-ID accepted (400 beyond)", "BYTES"
+    )
     max_head_bytes: int = _setting(
         8192, _positive_int, "largest request line plus headers", "BYTES"
     )
@@ -114,6 +277,21 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def development_mode(self) -> bool:
+        """No way to verify tokens: ``?user=`` is trusted as it comes."""
+        return self.secret is None and self.public_key is None
+
+    def token_algorithms(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(algorithms for the secret, algorithms for the public key), each possibly empty."""
+        chosen = self.algorithms
+        if chosen is None:
+            chosen = ("HS256",) if self.secret else ("RS256", "ES256")
+        return (
+            tuple(a for a in chosen if a in _SYMMETRIC),
+            tuple(a for a in chosen if a in _ASYMMETRIC),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,4 +343,31 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = No
             values[option.name] = option.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from None
-    return Settings(**values)
+    settings = Settings(**values)
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    """Refuse combinations that would silently accept no token, or the wrong kind."""
+    symmetric, asymmetric = settings.token_algorithms()
+    if settings.secret and not symmetric:
+        raise ConfigError("SISYPHUS_SECRET is set but SISYPHUS_ALGORITHMS has no HS* algorithm")
+    # RFC 7518 §3.2: the key must be at least as long as the hash (HS384: 48, HS512: 64).
+    needed = max((int(name[2:]) // 8 for name in symmetric), default=0)
+    for variable, secret in (
+        ("SISYPHUS_SECRET", settings.secret),
+        ("SISYPHUS_PREVIOUS_SECRET", settings.previous_secret),
+    ):
+        if secret and len(secret.encode()) < needed:
+            raise ConfigError(
+                f"{variable} needs at least {needed} bytes for {', '.join(symmetric)}"
+            )
+    if settings.public_key and not asymmetric:
+        raise ConfigError(
+            "SISYPHUS_PUBLIC_KEY is set but SISYPHUS_ALGORITHMS has no RS*/PS*/ES*/EdDSA algorithm"
+        )
+    if settings.previous_secret and settings.previous_secret_until is None:
+        raise ConfigError("SISYPHUS_PREVIOUS_SECRET needs SISYPHUS_PREVIOUS_SECRET_UNTIL")
+    if "*" in settings.cors_origins and len(settings.cors_origins) > 1:
+        raise ConfigError("SISYPHUS_CORS_ORIGINS: use either * or a list of origins, not both")

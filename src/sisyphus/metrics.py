@@ -24,6 +24,12 @@ class Metrics:
     api_rejected: int = 0
     bad_requests: int = 0
     broker_reconnects: int = 0
+    auth_failures: int = 0
+    tokens_expired: int = 0
+    limit_connections: int = 0
+    limit_user_connections: int = 0
+    limit_channels: int = 0
+    header_timeouts: int = 0
 
     def statistics(self) -> dict[str, int]:
         return asdict(self)

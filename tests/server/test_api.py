@@ -10,6 +10,7 @@ import pytest
 
 from sisyphus.brokers.memory import MemoryBroker
 from sisyphus.metrics import Metrics
+from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.protocol.http import Request
 from sisyphus.server.api import Api
 from sisyphus.server.app import Service
@@ -53,7 +54,7 @@ async def test_without_key_only_loopback_may_call() -> None:
     broker = MemoryBroker()
     broker.bind(lambda channel, payload: received.append((channel, payload)), lambda: None)
     broker.subscribe(["room:5"])
-    handler = Api(broker, None, Metrics())
+    handler = Api(broker, None, Metrics(), CorsPolicy(()))
     request = Request(
         method="POST",
         path="/api/publish",

@@ -47,6 +47,7 @@ class Hub:
         self._on_user_message = on_user_message
         self._channels: dict[str, set[Subscriber]] = {}
         self._users: dict[str, set[Subscriber]] = {}
+        self._stream_count = 0
         self._dirty: list[Subscriber] = []
         # Ids start at the wall clock in ms so a restarted process never goes back in time.
         self._seq = int(time.time() * 1000) if first_id is None else first_id
@@ -58,17 +59,21 @@ class Hub:
     # Membership ------------------------------------------------------------
     def add(self, sub: Subscriber, channels: Iterable[str]) -> None:
         """Register ``sub`` and subscribe it to ``channels``."""
-        self._users.setdefault(sub.user_id, set()).add(sub)
+        streams = self._users.setdefault(sub.user_id, set())
+        if sub not in streams:
+            streams.add(sub)
+            self._stream_count += 1
         self.update(sub, frozenset(channels))
 
     def remove(self, sub: Subscriber) -> None:
         """Forget ``sub``; channels left without local listeners are unsubscribed."""
         sub.state = State.CLOSED
         self.update(sub, frozenset())
-        users = self._users.get(sub.user_id)
-        if users is not None:
-            users.discard(sub)
-            if not users:
+        streams = self._users.get(sub.user_id)
+        if streams is not None and sub in streams:
+            streams.remove(sub)
+            self._stream_count -= 1
+            if not streams:
                 del self._users[sub.user_id]
 
     def update(self, sub: Subscriber, wanted: frozenset[str]) -> None:
@@ -96,6 +101,14 @@ class Hub:
         if first:
             self._sink.subscribe(first)
 
+    def stream_count(self) -> int:
+        """How many streams this process holds (starting and live)."""
+        return self._stream_count
+
+    def count_of(self, user_id: str) -> int:
+        """How many streams ``user_id`` holds in this process."""
+        return len(self._users.get(user_id, ()))
+
     def streams_of(self, user_id: str) -> list[Subscriber]:
         return list(self._users.get(user_id, ()))
 
@@ -115,6 +128,7 @@ class Hub:
             self._seq += 1
             event_id = b"%d" % self._seq
             frame = sse.encode_event(event_id, payload)
+            json_frame = None  # encoded once, only if a JSON-flavour stream listens
             dirty = self._dirty
             if not dirty:
                 self._schedule(self.flush)
@@ -123,7 +137,12 @@ class Hub:
                 pending = sub.pending
                 if not pending and sub.state is State.LIVE:
                     dirty.append(sub)
-                pending.append(frame)
+                if sub.json_flavour:
+                    if json_frame is None:
+                        json_frame = sse.encode_json_message(event_id, channel, payload)
+                    pending.append(json_frame)
+                else:
+                    pending.append(frame)
             self._metrics.messages_out += len(listeners)
         user_id = user_of_channel(channel)
         if user_id is not None and user_id in self._users:
@@ -160,7 +179,7 @@ class Hub:
         for subs in self._users.values():
             for sub in subs:
                 if sub.state is State.LIVE and sub.last_write <= deadline and not sub.pending:
-                    self.push(sub, sse.encode_noop(sub.last_id))
+                    self.push(sub, sse.encode_noop(sub.last_id, json_flavour=sub.json_flavour))
                     count += 1
         self._metrics.keepalives += count
         return count

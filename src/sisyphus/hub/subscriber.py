@@ -30,6 +30,8 @@ class Subscriber:
 
     __slots__ = (
         "channels",
+        "expires_at",
+        "json_flavour",
         "last_id",
         "last_write",
         "max_unsent",
@@ -40,10 +42,21 @@ class Subscriber:
     )
 
     def __init__(
-        self, transport: Transport, user_id: str, last_id: bytes, max_unsent: int, now: float
+        self,
+        transport: Transport,
+        user_id: str,
+        last_id: bytes,
+        max_unsent: int,
+        now: float,
+        json_flavour: bool = False,
+        expires_at: float | None = None,
     ) -> None:
         self.transport = transport
         self.user_id = user_id
+        # The JSON flavour gets `{"channel", "data"}` messages and named status events.
+        self.json_flavour = json_flavour
+        # When the stream's token expires (wall clock), or None in development mode.
+        self.expires_at = expires_at
         self.channels: frozenset[str] = frozenset()
         # Frames accepted but not yet written; flushed as one write per loop iteration.
         self.pending: list[bytes] = []

@@ -7,6 +7,7 @@ sockets, routes or brokers.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs
@@ -14,6 +15,8 @@ from urllib.parse import parse_qs
 import httptools
 
 from sisyphus.errors import PeerError
+
+Headers = tuple[tuple[str, str], ...]
 
 
 @dataclass(slots=True)
@@ -119,6 +122,10 @@ class RequestReader:
 
     def on_message_complete(self) -> None:
         self._in_head = True
+        version = self._parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            # llhttp reads a request line without a version as HTTP/0.9; we speak 1.x only.
+            raise PeerError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"HTTP/{version} not supported")
         pending, self._pending = self._pending, _Pending()
         try:
             url = httptools.parse_url(pending.url)
@@ -139,7 +146,7 @@ class RequestReader:
                 headers=headers,
                 body=b"".join(pending.body),
                 keep_alive=self._parser.should_keep_alive(),
-                http_version=self._parser.get_http_version(),
+                http_version=version,
             )
         )
 
@@ -156,13 +163,26 @@ SSE_HEAD = (
 )
 
 
+def error_body(message: str) -> bytes:
+    """The JSON body of every error answer: ``{"error": "..."}``."""
+    return json.dumps({"error": message}).encode()
+
+
+def sse_head(extra: Headers = ()) -> bytes:
+    """The stream's response head, plus ``extra`` headers (CORS) when there are any."""
+    if not extra:
+        return SSE_HEAD
+    lines = "".join(f"{name}: {value}\r\n" for name, value in extra)
+    return SSE_HEAD[:-2] + lines.encode("latin-1") + b"\r\n"
+
+
 def response(
     status: HTTPStatus,
     body: bytes = b"",
     content_type: str = "application/json",
     *,
     keep_alive: bool = False,
-    headers: tuple[tuple[str, str], ...] = (),
+    headers: Headers = (),
 ) -> bytes:
     """A complete response with a ``Content-Length``; the body may be empty."""
     lines = [

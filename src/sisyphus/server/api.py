@@ -21,6 +21,7 @@ from sisyphus.brokers.base import Broker
 from sisyphus.errors import ApiError, BrokerUnavailable
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import http
+from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.protocol.names import InvalidName, check_channel, check_user_id
 from sisyphus.protocol.rights import rights_notice
 
@@ -28,8 +29,10 @@ ROUTES = ("/api/publish", "/api/grant", "/api/revoke")
 MAX_CHANNELS_PER_CALL = 1000
 
 
-def _json(status: HTTPStatus, body: dict[str, Any], keep_alive: bool) -> bytes:
-    return http.response(status, json.dumps(body).encode(), keep_alive=keep_alive)
+def _json(
+    status: HTTPStatus, body: dict[str, Any], keep_alive: bool, headers: http.Headers
+) -> bytes:
+    return http.response(status, json.dumps(body).encode(), keep_alive=keep_alive, headers=headers)
 
 
 def is_loopback(host: str | None) -> bool:
@@ -50,10 +53,13 @@ def bearer_token(request: http.Request) -> str | None:
 
 
 class Api:
-    def __init__(self, broker: Broker, api_key: str | None, metrics: Metrics) -> None:
+    def __init__(
+        self, broker: Broker, api_key: str | None, metrics: Metrics, cors: CorsPolicy
+    ) -> None:
         self._broker = broker
         self._key = api_key.encode() if api_key else None
         self._metrics = metrics
+        self._cors = cors
 
     def _authorize(self, request: http.Request, peer_host: str | None) -> None:
         if self._key is None:
@@ -72,13 +78,14 @@ class Api:
         """Answer one API request with a complete response."""
         self._metrics.api_requests += 1
         keep = request.keep_alive
+        cors = self._cors.headers(request.headers.get("origin"))
         if request.method != "POST":
             self._metrics.api_rejected += 1
             return http.response(
                 HTTPStatus.METHOD_NOT_ALLOWED,
                 b'{"error": "use POST"}',
                 keep_alive=keep,
-                headers=(("Allow", "POST"),),
+                headers=(("Allow", "POST"), *cors),
             )
         try:
             self._authorize(request, peer_host)
@@ -89,16 +96,13 @@ class Api:
                 result = await self._rights(request.path.rsplit("/", 1)[1], body)
         except ApiError as exc:
             self._metrics.api_rejected += 1
-            headers = (("WWW-Authenticate", "Bearer"),) if exc.status == 401 else ()
+            challenge = (("WWW-Authenticate", "Bearer"),) if exc.status == 401 else ()
             return http.response(
-                exc.status,
-                json.dumps({"error": str(exc)}).encode(),
-                keep_alive=keep,
-                headers=headers,
+                exc.status, http.error_body(str(exc)), keep_alive=keep, headers=challenge + cors
             )
         except BrokerUnavailable as exc:
-            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)}, keep)
-        return _json(HTTPStatus.OK, result, keep)
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)}, keep, cors)
+        return _json(HTTPStatus.OK, result, keep, cors)
 
     @staticmethod
     def _parse(request: http.Request) -> dict[str, Any]:

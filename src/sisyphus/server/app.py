@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from collections.abc import Callable
 
 from sisyphus.brokers.base import Broker
 from sisyphus.brokers.memory import MemoryBroker
@@ -17,15 +19,17 @@ from sisyphus.brokers.redis import RedisBroker
 from sisyphus.config import Settings
 from sisyphus.hub.hub import Hub
 from sisyphus.metrics import Metrics
+from sisyphus.protocol.auth import Authenticator, TokenVerifier, VerificationKey
+from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.server.api import Api
 from sisyphus.server.connection import HttpConnection
 from sisyphus.server.streams import Streams
 
 log = logging.getLogger("sisyphus")
 
-# The sweep looks for silent streams this many times per keep-alive interval, so a
-# noop goes out between 1x and 1.25x the interval after the last event.
-SWEEPS_PER_INTERVAL = 4
+# The one periodic tick (keep-alives, token expiry, slow request heads) runs at least
+# this often, and at least four times per keep-alive interval.
+MAX_TICK_SECONDS = 1.0
 
 
 def make_broker(settings: Settings) -> Broker:
@@ -34,16 +38,43 @@ def make_broker(settings: Settings) -> Broker:
     return MemoryBroker()
 
 
+def make_authenticator(settings: Settings) -> Authenticator:
+    """Token verification from the settings; development mode when no key is configured."""
+    if settings.development_mode:
+        return Authenticator(None, settings.token_cookie)
+    symmetric, asymmetric = settings.token_algorithms()
+    keys = []
+    if settings.secret:
+        keys.append(VerificationKey(settings.secret, symmetric))
+        if settings.previous_secret:
+            keys.append(
+                VerificationKey(settings.previous_secret, symmetric, settings.previous_secret_until)
+            )
+    if settings.public_key:
+        keys.append(VerificationKey(settings.public_key, asymmetric))
+    verifier = TokenVerifier(keys, settings.audience, settings.issuer, settings.leeway)
+    return Authenticator(verifier, settings.token_cookie)
+
+
 class Service:
     """One Sisyphus process. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.broker = broker if broker is not None else make_broker(settings)
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # Connections still sending a request head, and since when (loop clock).
+        self.handshakes: dict[HttpConnection, float] = {}
         loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.cors = CorsPolicy(settings.cors_origins)
         self.hub = Hub(
             sink=self.broker,
             schedule=loop.call_soon,
@@ -51,8 +82,18 @@ class Service:
             metrics=self.metrics,
             on_user_message=self._on_user_message,
         )
-        self.streams = Streams(settings, self.broker, self.hub, self.metrics, loop)
-        self.api = Api(self.broker, settings.api_key, self.metrics)
+        self.authenticator = make_authenticator(settings)
+        self.streams = Streams(
+            settings,
+            self.broker,
+            self.hub,
+            self.metrics,
+            loop,
+            self.authenticator,
+            self.cors,
+            wall_clock,
+        )
+        self.api = Api(self.broker, settings.api_key, self.metrics, self.cors)
         self.broker.bind(self.hub.dispatch, self.streams.on_broker_lost)
 
     def _on_user_message(self, user_id: str) -> None:
@@ -87,13 +128,32 @@ class Service:
             log.info("broker: redis at %s", _redact_url(settings.redis_url or ""))
         if settings.api_key is None:
             log.warning("no API key: only loopback clients may publish, grant or revoke")
+        if self.authenticator.development_mode:
+            log.warning(
+                "DEVELOPMENT MODE: no SISYPHUS_SECRET or SISYPHUS_PUBLIC_KEY, so ?user=<id> is "
+                "trusted and ANYONE CAN LISTEN AS ANYONE. Never expose this to a network."
+            )
         log.info("listening on http://%s:%d", settings.host, self.port)
 
     async def _sweep(self) -> None:
+        """The one periodic tick: keep-alives, expired tokens, slow request heads."""
         interval = self.settings.keepalive
+        tick = min(MAX_TICK_SECONDS, interval / 4)
         while True:
-            await asyncio.sleep(interval / SWEEPS_PER_INTERVAL)
-            self.hub.sweep_keepalive(interval)
+            await asyncio.sleep(tick)
+            try:
+                self.hub.sweep_keepalive(interval)
+                self.streams.expire()
+                self._cut_slow_handshakes()
+            except Exception:
+                log.exception("periodic sweep failed")  # the next tick tries again
+
+    def _cut_slow_handshakes(self) -> None:
+        deadline = self.loop.time() - self.settings.header_timeout
+        slow = [conn for conn, since in self.handshakes.items() if since <= deadline]
+        for conn in slow:
+            self.metrics.header_timeouts += 1
+            conn.time_out()
 
     async def stop(self) -> None:
         """Stop accepting, close every stream, disconnect the broker."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
@@ -28,7 +27,16 @@ STREAM_PATH = "/"
 
 
 class HttpConnection(asyncio.Protocol):
-    __slots__ = ("_peer", "_queue", "_reader", "_service", "_task", "subscriber", "transport")
+    __slots__ = (
+        "_got_bytes",
+        "_peer",
+        "_queue",
+        "_reader",
+        "_service",
+        "_task",
+        "subscriber",
+        "transport",
+    )
 
     def __init__(self, service: Service) -> None:
         self._service = service
@@ -37,6 +45,7 @@ class HttpConnection(asyncio.Protocol):
         self._queue: collections.deque[http.Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self._peer: str | None = None
+        self._got_bytes = False
         self.subscriber: Subscriber | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -45,11 +54,32 @@ class HttpConnection(asyncio.Protocol):
         self._reader = http.RequestReader(settings.max_head_bytes, settings.max_message_bytes)
         peer = self.transport.get_extra_info("peername")
         self._peer = peer[0] if isinstance(peer, tuple) else None
+        self._await_request()
+
+    def _await_request(self) -> None:
+        """Start the clock on the next request head (the periodic sweep enforces it)."""
+        self._got_bytes = False
+        self._service.handshakes[self] = self._service.loop.time()
+
+    def time_out(self) -> None:
+        """The request head didn't arrive in time: answer 408 if it began, then close."""
+        self._service.handshakes.pop(self, None)
+        self._reader = None
+        self._queue.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            if self._got_bytes:
+                self.transport.write(
+                    http.response(
+                        HTTPStatus.REQUEST_TIMEOUT, http.error_body("request head too slow")
+                    )
+                )
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
         if reader is None:
             return  # a stream is open (or the connection is ending): input is ignored
+        self._got_bytes = True
         try:
             requests = reader.feed(data)
         except PeerError as exc:
@@ -57,18 +87,19 @@ class HttpConnection(asyncio.Protocol):
             return
         if not requests:
             return
+        self._service.handshakes.pop(self, None)
         self._queue.extend(requests)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def _reject(self, status: HTTPStatus, message: str) -> None:
         self._service.metrics.bad_requests += 1
+        self._service.handshakes.pop(self, None)
         self._reader = None
         self._queue.clear()
         log.info("bad request from %s: %s", self._peer, message)
         if self.transport is not None and not self.transport.is_closing():
-            body = json.dumps({"error": message}).encode()
-            self.transport.write(http.response(status, body))
+            self.transport.write(http.response(status, http.error_body(message)))
             self.transport.close()
 
     async def _serve(self) -> None:
@@ -79,6 +110,14 @@ class HttpConnection(asyncio.Protocol):
         try:
             while self._queue and not transport.is_closing():
                 request = self._queue.popleft()
+                if request.method == "OPTIONS" and (
+                    request.path == STREAM_PATH or request.path in api.ROUTES
+                ):
+                    transport.write(self._service.cors.preflight(request))
+                    if not request.keep_alive:
+                        transport.close()
+                        return
+                    continue
                 if request.path == STREAM_PATH:
                     if request.method != "GET":
                         transport.write(
@@ -107,6 +146,8 @@ class HttpConnection(asyncio.Protocol):
                 if not request.keep_alive:
                     transport.close()
                     return
+            if self._reader is not None and not transport.is_closing():
+                self._await_request()  # keep-alive: the next request has the same time bound
         except Exception:
             # The process never dies of a request: log it, answer 500 if nothing was sent.
             log.exception("request from %s failed", self._peer)
@@ -117,6 +158,7 @@ class HttpConnection(asyncio.Protocol):
             self._task = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._service.handshakes.pop(self, None)
         self._reader = None
         self._queue.clear()
         if self.subscriber is not None:

@@ -1,15 +1,22 @@
 """Event streams: identify the user, subscribe, go live, refresh rights, end.
 
-Owns the life of one ``GET /`` stream after routing, and the rights refresh
-that a message on ``user:<id>`` triggers. The hub does the fan-out; this
-module does the parts that must wait for the broker.
+Owns the life of one ``GET /`` stream after routing: authentication, the
+limits that apply to streams, the rights refresh that a message on
+``user:<id>`` triggers, token expiry, and the closing statuses. The hub does
+the fan-out; this module does the parts that must wait for the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import random
+import resource
+import time
+from collections.abc import Callable
+from http import HTTPStatus
 from typing import Protocol
 
 from sisyphus.brokers.base import Broker
@@ -18,12 +25,17 @@ from sisyphus.errors import BrokerUnavailable
 from sisyphus.hub.hub import Hub
 from sisyphus.hub.subscriber import State, Subscriber
 from sisyphus.metrics import Metrics
-from sisyphus.protocol import sse
-from sisyphus.protocol.http import SSE_HEAD, Request
-from sisyphus.protocol.names import is_valid_user_id
+from sisyphus.protocol import http, sse
+from sisyphus.protocol.auth import Authenticator, AuthFailure
+from sisyphus.protocol.cors import CorsPolicy
+from sisyphus.protocol.resume import InvalidEventId, last_event_id
 from sisyphus.protocol.rights import readable_channels
 
 log = logging.getLogger("sisyphus.streams")
+
+# Sockets kept free for the broker, the API and logs when the limit is derived.
+FD_RESERVE = 64
+DEV_MODE_WARNING_INTERVAL = 60.0
 
 
 class StreamTransport(Protocol):
@@ -40,6 +52,11 @@ class StreamOwner(Protocol):
     subscriber: Subscriber | None
 
 
+def default_max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, soft - FD_RESERVE)
+
+
 class Streams:
     def __init__(
         self,
@@ -48,43 +65,96 @@ class Streams:
         hub: Hub,
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
+        authenticator: Authenticator,
+        cors: CorsPolicy,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._broker = broker
         self._hub = hub
         self._metrics = metrics
         self._loop = loop
+        self._auth = authenticator
+        self._cors = cors
+        self._wall_clock = wall_clock
+        self.max_connections = settings.max_connections or default_max_connections()
         self._refreshing: set[str] = set()
         self._refresh_again: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # (expiry, tie-breaker, stream): the sweep ends streams whose token ran out.
+        self._expiries: list[tuple[float, int, Subscriber]] = []
+        self._tie = itertools.count()
+        self._dev_warned_at = -DEV_MODE_WARNING_INTERVAL
 
     # Opening ---------------------------------------------------------------
-    async def open(self, owner: StreamOwner, transport: StreamTransport, request: Request) -> None:
+    async def open(
+        self, owner: StreamOwner, transport: StreamTransport, request: http.Request
+    ) -> None:
         """Run the handshake of a ``GET /`` stream up to the `ok` status (or a closing one)."""
         settings = self._settings
-        user_id = request.query_value("user") or ""
-        if not is_valid_user_id(user_id):
-            self._refuse(transport, sse.Status.FAILURE)
-            log.info("stream refused: no or invalid user id")
+        head = http.sse_head(self._cors.headers(request.headers.get("origin")))
+        json_flavour = request.query_value("format") == "json"
+
+        def refuse(status: sse.Status, reason: str) -> None:
+            self._count(status)
+            frame = sse.encode_status(
+                self._hub.current_id(),
+                status,
+                self._retry_ms(status),
+                json_flavour=json_flavour,
+                reason=reason,
+            )
+            transport.write(head + frame)
+            transport.close()
+
+        try:
+            last_event_id(request, settings.max_last_event_id_bytes)
+        except InvalidEventId as exc:
+            self._metrics.bad_requests += 1
+            transport.write(http.response(HTTPStatus.BAD_REQUEST, http.error_body(str(exc))))
+            transport.close()
+            return
+        try:
+            identity = self._auth.identify(request)
+        except AuthFailure as failure:
+            self._metrics.auth_failures += 1
+            log.info("stream refused: %s", failure.reason)
+            refuse(sse.Status.FAILURE, failure.reason)
+            return
+        user_id = identity.user_id
+        if self._auth.development_mode:
+            self._warn_development_mode(user_id)
+        if self._over_limits(user_id, refuse):
             return
         try:
             async with asyncio.timeout(settings.broker_timeout):
                 members = await self._broker.user_channels(user_id)
         except (BrokerUnavailable, TimeoutError) as exc:
             log.warning("stream user=%s: broker unavailable: %s", user_id, exc)
-            self._refuse(transport, sse.Status.ERROR)
+            refuse(sse.Status.ERROR, "broker_unavailable")
             return
         if members is None:
             log.info("stream refused: unknown user=%s", user_id)
-            self._refuse(transport, sse.Status.FAILURE)
+            refuse(sse.Status.FAILURE, "unknown_user")
             return
-        if transport.is_closing():
+        if transport.is_closing() or self._over_limits(user_id, refuse):
             return
         readable, refused = readable_channels(user_id, members)
         if refused:
             log.warning("user=%s: ignored invalid channel names %r", user_id, refused[:10])
+        if len(readable) - 1 > settings.max_channels_per_user:
+            self._metrics.limit_channels += 1
+            log.warning("stream refused: user=%s reads %d channels", user_id, len(readable) - 1)
+            refuse(sse.Status.FAILURE, "too_many_channels")
+            return
         sub = Subscriber(
-            transport, user_id, self._hub.current_id(), settings.max_unsent_bytes, self._loop.time()
+            transport,
+            user_id,
+            self._hub.current_id(),
+            settings.max_unsent_bytes,
+            self._loop.time(),
+            json_flavour=json_flavour,
+            expires_at=identity.expires_at,
         )
         ok_id = sub.last_id
         owner.subscriber = sub
@@ -94,17 +164,44 @@ class Streams:
                 await self._broker.wait_subscribed(readable)
         except (BrokerUnavailable, TimeoutError) as exc:
             log.warning("stream user=%s: subscribing failed: %s", user_id, exc)
-            self.end(sub, sse.Status.ERROR)
+            self.end(sub, sse.Status.ERROR, "broker_unavailable", head=head)
             return
         if sub.state is not State.STARTING:
             return  # ended meanwhile (client gone, rights emptied, broker lost)
+        if identity.expires_at is not None:
+            heapq.heappush(self._expiries, (identity.expires_at, next(self._tie), sub))
         self._metrics.connections_opened += 1
-        sub.go_live(SSE_HEAD + sse.encode_status(ok_id, sse.Status.OK), self._loop.time())
+        ok = sse.encode_status(ok_id, sse.Status.OK, json_flavour=json_flavour)
+        sub.go_live(head + ok, self._loop.time())
         log.debug("stream open user=%s channels=%d", user_id, len(readable))
+
+    def _over_limits(self, user_id: str, refuse: Callable[[sse.Status, str], None]) -> bool:
+        """Refuse a stream past the process or per-user limit (a retry later may pass)."""
+        if self._hub.stream_count() >= self.max_connections:
+            self._metrics.limit_connections += 1
+            log.warning("stream refused: %d streams open (limit)", self._hub.stream_count())
+            refuse(sse.Status.ERROR, "over_capacity")
+            return True
+        if self._hub.count_of(user_id) >= self._settings.max_connections_per_user:
+            self._metrics.limit_user_connections += 1
+            log.info("stream refused: user=%s holds too many streams", user_id)
+            refuse(sse.Status.ERROR, "too_many_connections")
+            return True
+        return False
+
+    def _warn_development_mode(self, user_id: str) -> None:
+        now = self._loop.time()
+        if now - self._dev_warned_at >= DEV_MODE_WARNING_INTERVAL:
+            self._dev_warned_at = now
+            log.warning(
+                "DEVELOPMENT MODE: stream for user=%s opened without a token; anyone can "
+                "listen as anyone (set SISYPHUS_SECRET)",
+                user_id,
+            )
 
     def _retry_ms(self, status: sse.Status) -> int:
         if status is sse.Status.ERROR:
-            # Jitter so a broker outage doesn't bring every client back in the same second.
+            # Jitter so an outage or overload doesn't bring every client back in the same second.
             base = self._settings.retry_ms
             return base + random.randrange(base // 2 + 1)  # noqa: S311 - jitter, not a secret
         return self._settings.failure_retry_ms
@@ -117,24 +214,29 @@ class Streams:
         elif status is sse.Status.DISCONNECTED:
             self._metrics.status_disconnected += 1
 
-    def _refuse(self, transport: StreamTransport, status: sse.Status) -> None:
-        """Answer a stream that never went live with one closing status."""
-        self._count(status)
-        frame = sse.encode_status(self._hub.current_id(), status, self._retry_ms(status))
-        transport.write(SSE_HEAD + frame)
-        transport.close()
-
     # Ending ----------------------------------------------------------------
-    def end(self, sub: Subscriber, status: sse.Status) -> None:
+    def end(
+        self,
+        sub: Subscriber,
+        status: sse.Status,
+        reason: str | None = None,
+        head: bytes = http.SSE_HEAD,
+    ) -> None:
         """Send ``status`` after what is pending, then close the stream."""
         was = sub.state
         if was is State.CLOSED:
             return
         self._hub.remove(sub)
         self._count(status)
-        frame = sse.encode_status(sub.last_id, status, self._retry_ms(status))
+        frame = sse.encode_status(
+            sub.last_id,
+            status,
+            self._retry_ms(status),
+            json_flavour=sub.json_flavour,
+            reason=reason,
+        )
         if was is State.STARTING:
-            data = SSE_HEAD + frame  # never went live: held messages were never promised
+            data = head + frame  # never went live: held messages were never promised
         else:
             data = b"".join(sub.pending) + frame
             self._metrics.connections_closed += 1
@@ -148,15 +250,27 @@ class Streams:
             self._metrics.connections_closed += 1
         self._hub.remove(sub)
 
-    def end_all(self, status: sse.Status) -> int:
+    def end_all(self, status: sse.Status, reason: str | None = None) -> int:
         subs = self._hub.subscribers()
         for sub in subs:
-            self.end(sub, status)
+            self.end(sub, status, reason)
         return len(subs)
 
     def on_broker_lost(self) -> None:
-        count = self.end_all(sse.Status.ERROR)
+        count = self.end_all(sse.Status.ERROR, "broker_unavailable")
         log.error("broker lost: closed %d streams with `error`", count)
+
+    def expire(self) -> int:
+        """End the streams whose token has expired; return how many."""
+        now = self._wall_clock()
+        expired = 0
+        while self._expiries and self._expiries[0][0] <= now:
+            _, _, sub = heapq.heappop(self._expiries)
+            if sub.state is not State.CLOSED:
+                self.end(sub, sse.Status.FAILURE, "expired")
+                expired += 1
+        self._metrics.tokens_expired += expired
+        return expired
 
     # Rights refresh ----------------------------------------------------------
     def on_user_message(self, user_id: str) -> None:
@@ -188,17 +302,22 @@ class Streams:
             # Rights can't be checked: close rather than keep serving possibly revoked channels.
             log.warning("refresh user=%s failed: %s", user_id, exc)
             for sub in self._hub.streams_of(user_id):
-                self.end(sub, sse.Status.ERROR)
+                self.end(sub, sse.Status.ERROR, "broker_unavailable")
             return
         subs = self._hub.streams_of(user_id)
         if members is None:
             for sub in subs:
-                self.end(sub, sse.Status.DISCONNECTED)
+                self.end(sub, sse.Status.DISCONNECTED, "no_channels")
             log.info("user=%s has no channel left: %d streams disconnected", user_id, len(subs))
             return
         readable, refused = readable_channels(user_id, members)
         if refused:
             log.warning("user=%s: ignored invalid channel names %r", user_id, refused[:10])
+        if len(readable) - 1 > self._settings.max_channels_per_user:
+            self._metrics.limit_channels += 1
+            for sub in subs:
+                self.end(sub, sse.Status.FAILURE, "too_many_channels")
+            return
         for sub in subs:
             self._hub.update(sub, readable)
 

@@ -1,0 +1,69 @@
+"""Cross-origin rules for browser clients on other sites (CORS), without I/O.
+
+Origins are configured (none by default). A listed origin is echoed back with
+``Access-Control-Allow-Credentials: true`` so cookies and Authorization work;
+``*`` allows any origin but never with credentials, as the Fetch standard
+requires.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from sisyphus.protocol import http
+
+Headers = http.Headers
+
+ALLOWED_METHODS = "GET, POST, OPTIONS"
+# What an EventSource polyfill or the API helper may send across origins.
+ALLOWED_HEADERS = "authorization, cache-control, content-type, last-event-id"
+PREFLIGHT_MAX_AGE = "600"
+
+
+class CorsPolicy:
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self._any = "*" in origins
+        self._origins = frozenset(origin.rstrip("/") for origin in origins if origin != "*")
+
+    @property
+    def enabled(self) -> bool:
+        return self._any or bool(self._origins)
+
+    def allows(self, origin: str | None) -> bool:
+        return origin is not None and (self._any or origin in self._origins)
+
+    def headers(self, origin: str | None) -> Headers:
+        """Headers to add to a response for a request from ``origin``."""
+        if not self.enabled or origin is None:
+            return ()
+        if self._any:
+            return (("Access-Control-Allow-Origin", "*"),)
+        if origin in self._origins:
+            return (
+                ("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Allow-Credentials", "true"),
+                ("Vary", "Origin"),
+            )
+        return (("Vary", "Origin"),)
+
+    def preflight(self, request: http.Request) -> bytes:
+        """The answer to an ``OPTIONS`` preflight request."""
+        origin = request.headers.get("origin")
+        if not self.allows(origin):
+            return http.response(
+                HTTPStatus.FORBIDDEN,
+                b'{"error": "origin not allowed"}',
+                keep_alive=request.keep_alive,
+                headers=(("Vary", "Origin"),),
+            )
+        return http.response(
+            HTTPStatus.NO_CONTENT,
+            content_type="text/plain",
+            keep_alive=request.keep_alive,
+            headers=(
+                *self.headers(origin),
+                ("Access-Control-Allow-Methods", ALLOWED_METHODS),
+                ("Access-Control-Allow-Headers", ALLOWED_HEADERS),
+                ("Access-Control-Max-Age", PREFLIGHT_MAX_AGE),
+            ),
+        )
