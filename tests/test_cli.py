@@ -79,7 +79,12 @@ async def test_serve_embedded_then_grant_publish_revoke_via_cli(embedded: Served
     assert (await client.expect()).data == status("ok")
     published = await run_cli("publish", "room:918", "hello from the CLI", "--url", embedded.url)
     assert published.returncode == 0, published.stderr
-    assert (await client.next_message()).data == "hello from the CLI"
+    position = await run_cli("position", "--url", embedded.url)
+    assert position.returncode == 0, position.stderr
+    assert position.stdout.split("-")[:2] == published.stdout.split("-")[:2]
+    message = await client.next_message()
+    assert message.data == "hello from the CLI"
+    assert message.id == published.stdout.strip()
     revoked = await run_cli("revoke", "42", "room:918", "--url", embedded.url)
     assert revoked.returncode == 0, revoked.stderr
     events = [e.data for e in await client.until_closed() if not e.is_noop]

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--algorithm", default="HS256", choices=["HS256", "HS384", "HS512"])
     token.add_argument("--audience", default=os.environ.get("SISYPHUS_AUDIENCE"))
     token.add_argument("--issuer", default=os.environ.get("SISYPHUS_ISSUER"))
+    position = sub.add_parser(
+        "position", help="print the id of now (render it into a page; its stream resumes there)"
+    )
+    _target_flags(position)
     for verb, text in (("grant", "let a user read channels"), ("revoke", "take channels away")):
         rights = sub.add_parser(verb, help=text)
         rights.add_argument("user", help="the user id")
@@ -93,11 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "publish":
             data = sys.stdin.read() if args.data == "-" else args.data
-            publisher.publish(args.channel, data)
+            event_id = publisher.publish(args.channel, data)
         elif args.command == "grant":
-            publisher.grant(args.user, args.channels)
+            event_id = publisher.grant(args.user, args.channels)
+        elif args.command == "revoke":
+            event_id = publisher.revoke(args.user, args.channels)
         else:
-            publisher.revoke(args.user, args.channels)
+            event_id = publisher.position()
+        print(event_id)
     except client.SisyphusClientError as exc:
         print(f"sisyphus {args.command}: {exc}", file=sys.stderr)
         return 1

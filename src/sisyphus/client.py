@@ -18,6 +18,7 @@ Both are synchronous (a web request handler calls them) and raise
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -25,9 +26,12 @@ from typing import Any, Protocol
 
 import redis
 
+from sisyphus.brokers.lua import EPOCH_KEY, PUBLISH_SCRIPT, SEQUENCE_KEY, publish_call
+from sisyphus.brokers.memory import new_epoch
 from sisyphus.protocol.auth import mint_token
-from sisyphus.protocol.names import InvalidName, channels_key, check_channel, check_user_id
+from sisyphus.protocol.names import InvalidName, check_channel, check_user_id
 from sisyphus.protocol.names import user_channel as _user_channel
+from sisyphus.protocol.resume import EventId
 from sisyphus.protocol.rights import rights_notice
 
 __all__ = [
@@ -48,9 +52,12 @@ class SisyphusClientError(Exception):
 
 
 class Publisher(Protocol):
-    def publish(self, channel: str, data: str | bytes) -> None: ...
-    def grant(self, user_id: str, channels: Iterable[str]) -> None: ...
-    def revoke(self, user_id: str, channels: Iterable[str]) -> None: ...
+    """Each call returns the event id its message got (render :meth:`position` into pages)."""
+
+    def publish(self, channel: str, data: str | bytes) -> str: ...
+    def grant(self, user_id: str, channels: Iterable[str]) -> str: ...
+    def revoke(self, user_id: str, channels: Iterable[str]) -> str: ...
+    def position(self) -> str: ...
 
 
 def _checked(user_id: str, channels: Iterable[str]) -> list[str]:
@@ -74,11 +81,11 @@ class HttpPublisher:
         self._api_key = api_key
         self._timeout = timeout
 
-    def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, route: str, body: dict[str, Any] | None) -> dict[str, Any]:
         request = urllib.request.Request(  # noqa: S310 - the URL is the operator's, http(s) only
             self._url + route,
-            data=json.dumps(body).encode(),
-            method="POST",
+            data=None if body is None else json.dumps(body).encode(),
+            method="GET" if body is None else "POST",
             headers={"Content-Type": "application/json"},
         )
         if not request.full_url.startswith(("http://", "https://")):
@@ -98,52 +105,84 @@ class HttpPublisher:
         except (urllib.error.URLError, OSError) as exc:
             raise SisyphusClientError(f"can't reach Sisyphus at {self._url}: {exc}") from None
 
-    def publish(self, channel: str, data: str | bytes) -> None:
+    def publish(self, channel: str, data: str | bytes) -> str:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        self._post("/api/publish", {"channel": channel, "data": text})
+        return str(self._post("/api/publish", {"channel": channel, "data": text})["id"])
 
-    def grant(self, user_id: str, channels: Iterable[str]) -> None:
-        self._post("/api/grant", {"user": user_id, "channels": _checked(user_id, channels)})
+    def grant(self, user_id: str, channels: Iterable[str]) -> str:
+        body = {"user": user_id, "channels": _checked(user_id, channels)}
+        return str(self._post("/api/grant", body)["id"])
 
-    def revoke(self, user_id: str, channels: Iterable[str]) -> None:
-        self._post("/api/revoke", {"user": user_id, "channels": _checked(user_id, channels)})
+    def revoke(self, user_id: str, channels: Iterable[str]) -> str:
+        body = {"user": user_id, "channels": _checked(user_id, channels)}
+        return str(self._post("/api/revoke", body)["id"])
+
+    def position(self) -> str:
+        return str(self._post("/api/position", None)["id"])
 
 
 class RedisPublisher:
-    """Publish and change rights directly in the Redis that Sisyphus reads."""
+    """Publish and change rights directly in the Redis that Sisyphus reads.
 
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
+    Messages go through the same script as the service's own publish path, so
+    they are retained and streams can resume them. ``history_size`` and
+    ``history_max_age`` should match the service's settings.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 5.0,
+        history_size: int = 1000,
+        history_max_age: float = 3600.0,
+    ) -> None:
         self._redis = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
+        self._script = self._redis.register_script(PUBLISH_SCRIPT)
+        self._history_size = history_size
+        self._history_max_age = history_max_age
 
-    def publish(self, channel: str, data: str | bytes) -> None:
+    def publish(self, channel: str, data: str | bytes) -> str:
         try:
             check_channel(channel)
         except InvalidName as exc:
             raise SisyphusClientError(str(exc)) from None
+        payload = data.encode() if isinstance(data, str) else data
+        return self._sequenced(channel, payload)
+
+    def grant(self, user_id: str, channels: Iterable[str]) -> str:
+        checked = _checked(user_id, channels)
+        notice = rights_notice("granted", checked)
+        return self._sequenced(_user_channel(user_id), notice, ("SADD", user_id, checked))
+
+    def revoke(self, user_id: str, channels: Iterable[str]) -> str:
+        checked = _checked(user_id, channels)
+        notice = rights_notice("revoked", checked)
+        return self._sequenced(_user_channel(user_id), notice, ("SREM", user_id, checked))
+
+    def position(self) -> str:
         try:
-            self._redis.publish(channel, data)
+            with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(EPOCH_KEY, new_epoch(), nx=True)
+                pipe.get(EPOCH_KEY)
+                pipe.get(SEQUENCE_KEY)
+                _, epoch, seq = pipe.execute()
         except redis.RedisError as exc:
             raise SisyphusClientError(f"redis: {exc}") from None
+        return EventId(epoch.decode(), int(seq or 0), int(time.time())).encode().decode()
 
-    def grant(self, user_id: str, channels: Iterable[str]) -> None:
-        self._rights("granted", user_id, _checked(user_id, channels))
-
-    def revoke(self, user_id: str, channels: Iterable[str]) -> None:
-        self._rights("revoked", user_id, _checked(user_id, channels))
-
-    def _rights(self, change: str, user_id: str, channels: list[str]) -> None:
+    def _sequenced(
+        self, channel: str, payload: bytes, rights: tuple[str, str, list[str]] | None = None
+    ) -> str:
+        keys, args = publish_call(
+            channel, payload, self._history_size, self._history_max_age, new_epoch(), rights
+        )
         try:
-            with self._redis.pipeline(transaction=True) as pipe:
-                if change == "granted":
-                    pipe.sadd(channels_key(user_id), *channels)
-                else:
-                    pipe.srem(channels_key(user_id), *channels)
-                pipe.publish(_user_channel(user_id), rights_notice(change, channels))
-                pipe.execute()
+            epoch, seq, moment = self._script(keys=keys, args=args)
         except redis.RedisError as exc:
             raise SisyphusClientError(f"redis: {exc}") from None
+        return EventId(epoch.decode(), int(seq), int(moment)).encode().decode()
 
     def close(self) -> None:
         self._redis.close()

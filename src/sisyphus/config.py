@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -62,9 +63,13 @@ def _timestamp(text: str) -> float | None:
     if not text:
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number of seconds")
+        return value
     moment = datetime.datetime.fromisoformat(text)
     if moment.tzinfo is None:
         raise ValueError("give a time zone, e.g. 2026-12-31T00:00:00Z")
@@ -144,7 +149,13 @@ def _setting(
     return dataclasses.field(
         default=default,
         repr=not secret,
-        metadata={"parse": parse, "help": help, "metavar": metavar, "flag": flag},
+        metadata={
+            "parse": parse,
+            "help": help,
+            "metavar": metavar,
+            "flag": flag,
+            "secret": secret,
+        },
     )
 
 
@@ -240,6 +251,24 @@ class Settings:
         "unsent bytes a connection may hold before it is cut as a slow client",
         "BYTES",
     )
+    history_size: int = _setting(
+        1000, _positive_int, "messages retained per channel for resuming streams", "COUNT"
+    )
+    history_max_age: float = _setting(
+        3600.0,
+        _positive_float,
+        "seconds a message is retained; an older position gets `reset`",
+        "SECONDS",
+    )
+    replay_max_messages: int = _setting(
+        1000, _positive_int, "messages one reconnect may replay; beyond, `reset`", "COUNT"
+    )
+    replay_max_bytes: int = _setting(
+        1024 * 1024,
+        _positive_int,
+        "payload bytes one reconnect may replay; beyond, `reset`",
+        "BYTES",
+    )
     max_connections: int = _setting(
         0,
         _non_negative_int,
@@ -304,6 +333,7 @@ class Option:
     help: str
     metavar: str
     flag: str
+    secret: bool
 
     @property
     def env(self) -> str:
@@ -318,6 +348,7 @@ OPTIONS: tuple[Option, ...] = tuple(
         help=f.metadata["help"],
         metavar=f.metadata["metavar"],
         flag=f.metadata["flag"] or "--" + f.name.replace("_", "-"),
+        secret=f.metadata["secret"],
     )
     for f in dataclasses.fields(Settings)
 )
@@ -342,7 +373,8 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = No
         try:
             values[option.name] = option.parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from None
+            shown = "<hidden>" if option.secret else repr(raw)  # a secret never reaches a log
+            raise ConfigError(f"{source}={shown} is invalid: {exc}") from None
     settings = Settings(**values)
     _check_consistency(settings)
     return settings

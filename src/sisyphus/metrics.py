@@ -30,6 +30,8 @@ class Metrics:
     limit_user_connections: int = 0
     limit_channels: int = 0
     header_timeouts: int = 0
+    replayed: int = 0
+    resets: int = 0
 
     def statistics(self) -> dict[str, int]:
         return asdict(self)

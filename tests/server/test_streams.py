@@ -58,7 +58,9 @@ async def test_known_user_gets_exact_headers_and_ok(service: Service) -> None:
     event = await client.next_event()
     assert event is not None
     assert event.data == status("ok")
-    assert re.fullmatch(rb"id: \d+\ndata: <message><status>ok</status></message>\n\n", client.raw)
+    assert re.fullmatch(
+        rb"id: [0-9a-f]+-\d+-\d+\ndata: <message><status>ok</status></message>\n\n", client.raw
+    )
     noop = await client.next_event()
     assert noop is not None and noop.is_noop  # still open: a keep-alive follows
     await client.close()
@@ -73,7 +75,9 @@ async def test_message_on_readable_channel_is_forwarded(service: Service) -> Non
     event = await client.next_message()
     assert event is not None
     assert event.data == "hello"
-    assert event.id and ok_id and int(event.id) > int(ok_id)
+    assert event.id is not None
+    assert ok_id is not None
+    assert int(event.id.split("-")[1]) > int(ok_id.split("-")[1])
     await client.close()
 
 

@@ -3,19 +3,36 @@
 Rights semantics, the same for every broker: a user is known while its set
 ``user:<id>:channels`` exists, and a set that loses its last member is gone
 (Redis deletes empty sets; the embedded broker does the same).
+
+History semantics, the same for every broker: everything published through
+:meth:`Broker.publish`, :meth:`Broker.grant` and :meth:`Broker.revoke` takes
+the next number of ONE sequence, atomically with the delivery, and is kept
+per channel (bounded by count and age) so streams can resume.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
-MessageHandler = Callable[[str, bytes], None]
+from sisyphus.protocol.resume import ChannelHistory, EventId
+
+# channel, payload, seq, epoch, time: seq/epoch are None for a plain PUBLISH.
+MessageHandler = Callable[[str, bytes, int | None, bytes | None, int], None]
 LostHandler = Callable[[], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Position:
+    """The broker's history name and the last seq it handed out."""
+
+    epoch: str
+    seq: int
+
+
 class Broker(Protocol):
-    """Pub/sub plus per-user channel sets."""
+    """Pub/sub plus per-user channel sets plus per-channel history."""
 
     name: str
 
@@ -23,7 +40,7 @@ class Broker(Protocol):
         """Where to deliver messages, and whom to tell when the broker connection is lost."""
 
     async def start(self) -> None:
-        """Connect; raises :class:`~sisyphus.errors.BrokerUnavailable` if it can't."""
+        """Connect (or keep trying in the background)."""
 
     async def close(self) -> None: ...
 
@@ -39,13 +56,27 @@ class Broker(Protocol):
     async def wait_subscribed(self, channels: Iterable[str]) -> None:
         """Return once the broker confirmed every channel in ``channels``."""
 
+    async def barrier(self) -> None:
+        """Return once every message published before this call has been delivered."""
+
+    async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
+        """The user's channel set (``None`` if unknown) and the current position."""
+
     async def user_channels(self, user_id: str) -> set[str] | None:
         """The members of ``user:<id>:channels``, or ``None`` if the user is unknown."""
 
-    async def publish(self, channel: str, payload: bytes) -> None: ...
+    async def position(self) -> Position: ...
 
-    async def grant(self, user_id: str, channels: list[str], notice: bytes) -> None:
+    async def history(
+        self, channels: Iterable[str], after: int, limit: int
+    ) -> list[ChannelHistory]:
+        """Per channel, up to ``limit`` retained messages with a seq above ``after``."""
+
+    async def publish(self, channel: str, payload: bytes) -> EventId:
+        """Deliver and retain ``payload``; return the id it got."""
+
+    async def grant(self, user_id: str, channels: list[str], notice: bytes) -> EventId:
         """Add ``channels`` to the user's set, then publish ``notice`` on ``user:<id>``."""
 
-    async def revoke(self, user_id: str, channels: list[str], notice: bytes) -> None:
+    async def revoke(self, user_id: str, channels: list[str], notice: bytes) -> EventId:
         """Remove ``channels`` from the user's set, then publish ``notice`` on ``user:<id>``."""

@@ -2,17 +2,23 @@
 
 Used when no Redis URL is configured, so a fresh machine runs Sisyphus with
 nothing else installed. Publishing and rights go through the HTTP API and CLI.
+History lives in memory and dies with the process; a restart starts a new
+epoch, so ids from before it are recognised as foreign.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import collections
+import secrets
+import time
+from collections.abc import Callable, Iterable
 
-from sisyphus.brokers.base import LostHandler, MessageHandler
+from sisyphus.brokers.base import LostHandler, MessageHandler, Position
 from sisyphus.protocol.names import user_channel
+from sisyphus.protocol.resume import ChannelHistory, EventId, HistoryEntry
 
 
-def _drop(channel: str, payload: bytes) -> None:
+def _drop(channel: str, payload: bytes, seq: int | None, epoch: bytes | None, time: int) -> None:
     """Deliver nowhere (before :meth:`MemoryBroker.bind`)."""
 
 
@@ -20,14 +26,39 @@ def _ignore() -> None:
     """Tell nobody (before :meth:`MemoryBroker.bind`)."""
 
 
+def new_epoch() -> str:
+    return secrets.token_hex(4)
+
+
+class _ChannelHistory:
+    __slots__ = ("entries", "last_publish", "trimmed_through")
+
+    def __init__(self, size: int) -> None:
+        self.entries: collections.deque[HistoryEntry] = collections.deque(maxlen=size)
+        self.trimmed_through = 0  # the highest seq dropped by the count bound
+        self.last_publish = 0.0
+
+
 class MemoryBroker:
     name = "embedded"
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        history_size: int = 1000,
+        history_max_age: float = 3600.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._sets: dict[str, set[str]] = {}
         self._subscribed: set[str] = set()
         self._on_message: MessageHandler = _drop
         self._on_lost: LostHandler = _ignore
+        self._history_size = history_size
+        self._max_age = history_max_age
+        self._clock = wall_clock
+        self._epoch = new_epoch()
+        self._seq = 0
+        # Ordered by last publish, so expired channels are found at the front.
+        self._history: collections.OrderedDict[str, _ChannelHistory] = collections.OrderedDict()
 
     def bind(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
         self._on_message = on_message
@@ -52,23 +83,69 @@ class MemoryBroker:
     async def wait_subscribed(self, channels: Iterable[str]) -> None:
         return None
 
+    async def barrier(self) -> None:
+        return None  # delivery is synchronous with publish
+
     async def user_channels(self, user_id: str) -> set[str] | None:
         members = self._sets.get(user_id)
         return set(members) if members else None
 
-    async def publish(self, channel: str, payload: bytes) -> None:
+    async def position(self) -> Position:
+        return Position(self._epoch, self._seq)
+
+    async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
+        return await self.user_channels(user_id), await self.position()
+
+    async def history(
+        self, channels: Iterable[str], after: int, limit: int
+    ) -> list[ChannelHistory]:
+        self._expire()
+        result = []
+        for channel in channels:
+            kept = self._history.get(channel)
+            if kept is None:
+                result.append(ChannelHistory([], trimmed=False))
+                continue
+            entries = [entry for entry in kept.entries if entry.seq > after][:limit]
+            result.append(ChannelHistory(entries, trimmed=kept.trimmed_through > after))
+        return result
+
+    def _expire(self) -> None:
+        """Drop channels whose last message is older than the retention age."""
+        deadline = self._clock() - self._max_age
+        while self._history:
+            channel, kept = next(iter(self._history.items()))
+            if kept.last_publish >= deadline:
+                return
+            del self._history[channel]
+
+    def _sequenced(self, channel: str, payload: bytes) -> EventId:
+        self._seq += 1
+        now = self._clock()
+        entry = HistoryEntry(self._seq, channel, payload, int(now))
+        kept = self._history.pop(channel, None) or _ChannelHistory(self._history_size)
+        if len(kept.entries) == self._history_size:
+            kept.trimmed_through = kept.entries[0].seq
+        kept.entries.append(entry)
+        kept.last_publish = now
+        self._history[channel] = kept  # to the end: the most recently published
+        self._expire()
         if channel in self._subscribed:
-            self._on_message(channel, payload)
+            self._on_message(channel, payload, entry.seq, self._epoch.encode(), entry.time)
+        return EventId(self._epoch, entry.seq, entry.time)
 
-    async def grant(self, user_id: str, channels: list[str], notice: bytes) -> None:
+    async def publish(self, channel: str, payload: bytes) -> EventId:
+        return self._sequenced(channel, payload)
+
+    async def grant(self, user_id: str, channels: list[str], notice: bytes) -> EventId:
         self._sets.setdefault(user_id, set()).update(channels)
-        await self.publish(user_channel(user_id), notice)
+        return self._sequenced(user_channel(user_id), notice)
 
-    async def revoke(self, user_id: str, channels: list[str], notice: bytes) -> None:
+    async def revoke(self, user_id: str, channels: list[str], notice: bytes) -> EventId:
         members = self._sets.get(user_id)
         if members is not None:
             members.difference_update(channels)
             if not members:
                 # Like Redis: an empty set no longer exists, so the user is unknown again.
                 del self._sets[user_id]
-        await self.publish(user_channel(user_id), notice)
+        return self._sequenced(user_channel(user_id), notice)

@@ -14,6 +14,7 @@ browser on ``room:5`` costs Redis nothing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import ssl
@@ -29,9 +30,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from sisyphus.brokers import backoff
-from sisyphus.brokers.base import LostHandler, MessageHandler
+from sisyphus.brokers.base import LostHandler, MessageHandler, Position
+from sisyphus.brokers.lua import (
+    EPOCH_KEY,
+    PUBLISH_SCRIPT,
+    SEQUENCE_KEY,
+    parse_envelope,
+    publish_call,
+)
+from sisyphus.brokers.memory import new_epoch
 from sisyphus.errors import BrokerUnavailable
-from sisyphus.protocol.names import channels_key, user_channel
+from sisyphus.protocol.names import channels_key, history_key, user_channel
+from sisyphus.protocol.resume import ChannelHistory, EventId, HistoryEntry
 
 log = logging.getLogger("sisyphus.redis")
 
@@ -41,11 +51,7 @@ T = TypeVar("T")
 SUBSCRIBE_BATCH = 1000
 
 
-class WrongType(Exception):
-    """A key the contract expects to be a SET holds another type."""
-
-
-def _drop(channel: str, payload: bytes) -> None:
+def _drop(channel: str, payload: bytes, seq: int | None, epoch: bytes | None, time: int) -> None:
     """Deliver nowhere (before :meth:`RedisBroker.bind`)."""
 
 
@@ -91,10 +97,14 @@ class RedisBroker:
         self,
         url: str,
         timeout: float = 5.0,
+        history_size: int = 1000,
+        history_max_age: float = 3600.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 10.0,
     ) -> None:
         self._url = url
+        self._history_size = history_size
+        self._history_max_age = history_max_age
         self._timeout = timeout
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
@@ -119,6 +129,8 @@ class RedisBroker:
         self._confirmed: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._auth_pending = False
+        self._pongs: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._publish_script = self._commands.register_script(PUBLISH_SCRIPT)
         self.reconnects = 0
 
     def bind(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
@@ -221,10 +233,11 @@ class RedisBroker:
 
     def _fail_waiters(self) -> None:
         waiters, self._waiters = self._waiters, {}
-        for futures in waiters.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
+        pongs, self._pongs = self._pongs, collections.deque()
+        for future in [f for futures in waiters.values() for f in futures] + list(pongs):
+            if not future.done():
+                future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
+                future.exception()  # retrieved: nobody may be waiting any more
 
     # Subscriptions ---------------------------------------------------------
     def _write(self, command: tuple[str, ...]) -> None:
@@ -262,13 +275,35 @@ class RedisBroker:
         if futures:
             await asyncio.gather(*futures)
 
+    async def barrier(self) -> None:
+        """PING on the pub/sub link: its PONG comes after every message published before."""
+        if not self._ready:
+            raise BrokerUnavailable("redis pub/sub is not connected")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs.append(future)
+        self._write(("PING",))
+        await future
+
     def _on_reply(self, reply: Any) -> None:
         if type(reply) is list and reply[0] == b"message":
             # The hot path: straight from the parser to the hub.
-            self._on_message(reply[1].decode("utf-8", "replace"), reply[2])
+            channel = reply[1].decode("utf-8", "replace")
+            payload = reply[2]
+            if payload[:1] == b"\x1e":
+                envelope = parse_envelope(payload)
+                if envelope is not None:
+                    epoch, seq, time, body = envelope
+                    self._on_message(channel, body, seq, epoch, time)
+                    return
+            self._on_message(channel, payload, None, None, 0)
             return
         if isinstance(reply, list) and reply and reply[0] in (b"subscribe", b"unsubscribe"):
             self._on_confirmation(reply[0], reply[1].decode("utf-8", "replace"))
+        elif (isinstance(reply, list) and reply and reply[0] == b"pong") or reply == b"PONG":
+            if self._pongs:
+                future = self._pongs.popleft()
+                if not future.done():
+                    future.set_result(None)
         elif isinstance(reply, hiredis.ReplyError):
             log.error("redis pub/sub error: %s", reply)
             if self._protocol is not None and self._protocol.transport is not None:
@@ -294,42 +329,109 @@ class RedisBroker:
             async with asyncio.timeout(self._timeout):
                 return await awaitable
         except ResponseError as exc:
-            if str(exc).startswith("WRONGTYPE"):
-                raise WrongType(str(exc)) from None
             raise BrokerUnavailable(f"redis refused a command: {exc}") from None
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None
 
     async def user_channels(self, user_id: str) -> set[str] | None:
+        members, _ = await self.snapshot(user_id)
+        return members
+
+    async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
+        async def read() -> tuple[Any, Any, Any]:
+            async with self._commands.pipeline(transaction=False) as pipe:
+                pipe.smembers(channels_key(user_id))
+                pipe.get(EPOCH_KEY)
+                pipe.get(SEQUENCE_KEY)
+                members, epoch, seq = await pipe.execute(raise_on_error=False)
+            return members, epoch, seq
+
+        members, epoch, seq = await self._call(read())
+        if isinstance(members, ResponseError):
+            if str(members).startswith("WRONGTYPE"):
+                log.warning(
+                    "%s is not a SET: user=%s treated as unknown", channels_key(user_id), user_id
+                )
+                members = set()
+            else:
+                raise BrokerUnavailable(f"redis refused a command: {members}")
+        if epoch is None:
+            position = await self.position()
+        else:
+            position = Position(epoch.decode(), int(seq or 0))
         # SMEMBERS of a missing key is empty, and Redis deletes empty sets: empty = unknown.
-        try:
-            members: set[bytes] = await self._call(
-                self._commands.smembers(channels_key(user_id))  # type: ignore[arg-type]
-            )
-        except WrongType:
-            log.warning(
-                "%s is not a SET: user=%s treated as unknown", channels_key(user_id), user_id
-            )
-            return None
         if not members:
-            return None
-        return {member.decode("utf-8", "replace") for member in members}
+            return None, position
+        return {member.decode("utf-8", "replace") for member in members}, position
 
-    async def publish(self, channel: str, payload: bytes) -> None:
-        await self._call(self._commands.publish(channel, payload))
+    async def position(self) -> Position:
+        async def read() -> tuple[Any, Any]:
+            async with self._commands.pipeline(transaction=False) as pipe:
+                # The first reader names the history: SET NX keeps an existing epoch.
+                pipe.set(EPOCH_KEY, new_epoch(), nx=True)
+                pipe.get(EPOCH_KEY)
+                pipe.get(SEQUENCE_KEY)
+                _, epoch, seq = await pipe.execute()
+            return epoch, seq
 
-    async def grant(self, user_id: str, channels: list[str], notice: bytes) -> None:
-        await self._rights("sadd", user_id, channels, notice)
+        epoch, seq = await self._call(read())
+        return Position(epoch.decode(), int(seq or 0))
 
-    async def revoke(self, user_id: str, channels: list[str], notice: bytes) -> None:
-        await self._rights("srem", user_id, channels, notice)
+    async def history(
+        self, channels: Iterable[str], after: int, limit: int
+    ) -> list[ChannelHistory]:
+        channels = list(channels)
 
-    async def _rights(self, verb: str, user_id: str, channels: list[str], notice: bytes) -> None:
-        # One MULTI: the set changes and the notice goes out together, or neither does.
-        async def run() -> None:
-            async with self._commands.pipeline(transaction=True) as pipe:
-                getattr(pipe, verb)(channels_key(user_id), *channels)
-                pipe.publish(user_channel(user_id), notice)
-                await pipe.execute()
+        async def read() -> list[Any]:
+            async with self._commands.pipeline(transaction=False) as pipe:
+                for channel in channels:
+                    pipe.xinfo_stream(history_key(channel))
+                    pipe.xrange(history_key(channel), min=f"({after}-0", max="+", count=limit)
+                result: list[Any] = await pipe.execute(raise_on_error=False)
+                return result
 
-        await self._call(run())
+        replies = await self._call(read())
+        result = []
+        for index, channel in enumerate(channels):
+            info, entries = replies[2 * index], replies[2 * index + 1]
+            if isinstance(entries, Exception):
+                raise BrokerUnavailable(f"redis refused XRANGE: {entries}")
+            trimmed = False
+            if isinstance(info, dict) and info["entries-added"] > info["length"]:
+                first = info.get("first-entry")
+                first_seq = int(first[0].split(b"-")[0]) if first else info["entries-added"]
+                # Something was trimmed, and it may lie after the position.
+                trimmed = after < first_seq - 1
+            result.append(
+                ChannelHistory(
+                    [
+                        HistoryEntry(
+                            int(entry_id.split(b"-")[0]),
+                            channel,
+                            fields[b"p"],
+                            int(fields.get(b"t", b"0")),
+                        )
+                        for entry_id, fields in entries
+                    ],
+                    trimmed,
+                )
+            )
+        return result
+
+    async def publish(self, channel: str, payload: bytes) -> EventId:
+        return await self._sequenced(channel, payload)
+
+    async def grant(self, user_id: str, channels: list[str], notice: bytes) -> EventId:
+        return await self._sequenced(user_channel(user_id), notice, ("SADD", user_id, channels))
+
+    async def revoke(self, user_id: str, channels: list[str], notice: bytes) -> EventId:
+        return await self._sequenced(user_channel(user_id), notice, ("SREM", user_id, channels))
+
+    async def _sequenced(
+        self, channel: str, payload: bytes, rights: tuple[str, str, list[str]] | None = None
+    ) -> EventId:
+        keys, args = publish_call(
+            channel, payload, self._history_size, self._history_max_age, new_epoch(), rights
+        )
+        epoch, seq, time = await self._call(self._publish_script(keys=keys, args=args))
+        return EventId(epoch.decode(), int(seq), int(time))

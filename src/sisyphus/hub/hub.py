@@ -9,11 +9,10 @@ connection per loop iteration). Must not await, parse HTTP or know Redis.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from sisyphus.hub.subscriber import State, Subscriber
+from sisyphus.hub.subscriber import Held, State, Subscriber
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import sse
 from sisyphus.protocol.names import user_of_channel
@@ -37,8 +36,8 @@ class Hub:
         schedule: Callable[[Callable[[], None]], Any],
         clock: Callable[[], float],
         metrics: Metrics,
-        on_user_message: Callable[[str], None],
-        first_id: int | None = None,
+        on_user_message: Callable[[str, int], None],
+        wall_clock: Callable[[], float],
     ) -> None:
         self._sink = sink
         self._schedule = schedule
@@ -49,12 +48,30 @@ class Hub:
         self._users: dict[str, set[Subscriber]] = {}
         self._stream_count = 0
         self._dirty: list[Subscriber] = []
-        # Ids start at the wall clock in ms so a restarted process never goes back in time.
-        self._seq = int(time.time() * 1000) if first_id is None else first_id
+        self._wall_clock = wall_clock
+        # The broker's epoch and the highest seq this process has seen from it.
+        self._epoch = b"0"
+        self._position = 0
 
-    # Ids -------------------------------------------------------------------
+    # Positions ---------------------------------------------------------------
+    def set_position(self, epoch: str, seq: int) -> None:
+        """Adopt the broker's epoch and position (at start, and after a reconnect)."""
+        epoch_bytes = epoch.encode("ascii")
+        if epoch_bytes != self._epoch or seq > self._position:
+            self._epoch = epoch_bytes
+            self._position = seq
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch.decode("ascii")
+
+    @property
+    def position(self) -> int:
+        return self._position
+
     def current_id(self) -> bytes:
-        return b"%d" % self._seq
+        """The id of "now": every message this process has seen is at or before it."""
+        return b"%s-%d-%d" % (self._epoch, self._position, int(self._wall_clock()))
 
     # Membership ------------------------------------------------------------
     def add(self, sub: Subscriber, channels: Iterable[str]) -> None:
@@ -120,34 +137,56 @@ class Hub:
         return list(self._channels)
 
     # Hot path --------------------------------------------------------------
-    def dispatch(self, channel: str, payload: bytes) -> None:
-        """A message arrived from the broker: encode it once, queue it for every listener."""
+    def dispatch(
+        self,
+        channel: str,
+        payload: bytes,
+        seq: int | None = None,
+        epoch: bytes | None = None,
+        time: int = 0,
+    ) -> None:
+        """A message arrived from the broker: encode it once, queue it for every listener.
+
+        ``seq``/``epoch``/``time`` come with messages published through Sisyphus's own
+        path; a plain PUBLISH has none and gets the current position as its id, so
+        it never moves a client's position wrongly.
+        """
         self._metrics.messages_in += 1
+        if seq is not None and epoch is not None:
+            self._epoch = epoch
+            self._position = seq
         listeners = self._channels.get(channel)
         if listeners:
-            self._seq += 1
-            event_id = b"%d" % self._seq
+            if seq is not None:
+                event_id = b"%s-%d-%d" % (self._epoch, seq, time)
+            else:
+                event_id = self.current_id()
             frame = sse.encode_event(event_id, payload)
             json_frame = None  # encoded once, only if a JSON-flavour stream listens
             dirty = self._dirty
             if not dirty:
                 self._schedule(self.flush)
             for sub in listeners:
-                sub.last_id = event_id
-                pending = sub.pending
-                if not pending and sub.state is State.LIVE:
-                    dirty.append(sub)
-                if sub.json_flavour:
-                    if json_frame is None:
-                        json_frame = sse.encode_json_message(event_id, channel, payload)
-                    pending.append(json_frame)
-                else:
-                    pending.append(frame)
+                state = sub.state
+                if state is State.LIVE:
+                    sub.last_id = event_id
+                    pending = sub.pending
+                    if not pending:
+                        dirty.append(sub)
+                    if sub.json_flavour:
+                        if json_frame is None:
+                            json_frame = sse.encode_json_message(event_id, channel, payload)
+                        pending.append(json_frame)
+                    else:
+                        pending.append(frame)
+                elif state is State.STARTING:
+                    # Held raw until the handshake decides what was already replayed.
+                    sub.held.append(Held(event_id, seq, channel, payload))
             self._metrics.messages_out += len(listeners)
         user_id = user_of_channel(channel)
         if user_id is not None and user_id in self._users:
             # Forward first, then refresh rights: the notice itself reaches the client.
-            self._on_user_message(user_id)
+            self._on_user_message(user_id, self._position)
 
     def push(self, sub: Subscriber, frame: bytes) -> None:
         """Queue one frame for one subscriber (keep-alives, statuses)."""

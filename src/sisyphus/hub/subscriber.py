@@ -9,7 +9,7 @@ of the hub can pass their own.
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class Transport(Protocol):
@@ -17,6 +17,15 @@ class Transport(Protocol):
     def get_write_buffer_size(self) -> int: ...
     def abort(self) -> None: ...
     def close(self) -> None: ...
+
+
+class Held(NamedTuple):
+    """A message that arrived while the stream was starting, kept raw until it goes live."""
+
+    event_id: bytes
+    seq: int | None  # None for a plain PUBLISH
+    channel: str
+    payload: bytes
 
 
 class State(enum.Enum):
@@ -31,6 +40,7 @@ class Subscriber:
     __slots__ = (
         "channels",
         "expires_at",
+        "held",
         "json_flavour",
         "last_id",
         "last_write",
@@ -60,6 +70,8 @@ class Subscriber:
         self.channels: frozenset[str] = frozenset()
         # Frames accepted but not yet written; flushed as one write per loop iteration.
         self.pending: list[bytes] = []
+        # Messages that arrived while STARTING; emptied when the stream goes live.
+        self.held: list[Held] = []
         # The id of the last event this stream was given: keep-alives and statuses reuse it,
         # so they never move the client's position.
         self.last_id = last_id
@@ -84,8 +96,17 @@ class Subscriber:
             return False
         return True
 
-    def go_live(self, first_bytes: bytes, now: float) -> None:
-        """Write ``first_bytes`` (head and `ok` status) then whatever arrived while starting."""
+    def go_live(self, first_bytes: bytes, last_id: bytes, now: float) -> None:
+        """Write ``first_bytes`` (head, `ok`, replay, held messages) and start streaming.
+
+        This first write is not held to the unsent bound: a replay may exceed it,
+        and is already bounded by the replay limits.
+        """
         self.state = State.LIVE
-        self.pending.insert(0, first_bytes)
-        self.flush(now)
+        self.held = []
+        self.last_id = last_id
+        pending = self.pending
+        data = first_bytes + b"".join(pending) if pending else first_bytes
+        pending.clear()
+        self.transport.write(data)
+        self.last_write = now

@@ -19,6 +19,10 @@ from sisyphus.errors import PeerError
 Headers = tuple[tuple[str, str], ...]
 
 
+# "OPTIONS " + " HTTP/1.1\r\n" and a little slack: what a request line holds beside its URL.
+_REQUEST_LINE_OVERHEAD = 32
+
+
 @dataclass(slots=True)
 class Request:
     """One parsed request; header names are lower-cased."""
@@ -61,12 +65,21 @@ class RequestReader:
         self._pending = _Pending()
         self._done: list[Request] = []
         # Bytes fed while a request head is incomplete: httptools buffers a header
-        # internally until its line ends, so this is what bounds that buffer.
+        # internally until its line ends, so this is what bounds that buffer. A chunk
+        # in which a request began is not counted (where it began is unknown), so the
+        # buffer stays under the limit plus one read.
         self._unfinished_head = 0
-        self._in_head = True
+        self._in_head = False
+        self._in_message = False
+        self._began = False
+        self._completed = 0
 
     def feed(self, data: bytes) -> list[Request]:
         """Parse ``data``; return the requests it completed (pipelining yields several)."""
+        was_in_head = self._in_head
+        idle_before = not self._in_message
+        self._began = False
+        self._completed = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -75,10 +88,15 @@ class RequestReader:
             if isinstance(exc.__context__, PeerError):
                 raise exc.__context__ from None
             raise PeerError(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {exc}") from None
-        if self._in_head:
+        # All of ``data`` belongs to the unfinished head if it was already under way, or
+        # if it began with this chunk and no earlier request shared the chunk.
+        whole_chunk = (was_in_head and not self._began) or (idle_before and not self._completed)
+        if self._in_head and whole_chunk:
             self._unfinished_head += len(data)
             if self._unfinished_head > self._max_head:
-                self._too_large(url=not self._pending.headers)
+                # Mostly URL bytes (beside the method and version) means the request line.
+                url = self._unfinished_head - len(self._pending.url) <= _REQUEST_LINE_OVERHEAD
+                self._too_large(url)
         done, self._done = self._done, []
         return done
 
@@ -96,7 +114,9 @@ class RequestReader:
             self._too_large(url)
 
     def on_message_begin(self) -> None:
+        self._in_message = True
         self._in_head = True
+        self._began = True
         self._unfinished_head = 0
 
     def on_url(self, url: bytes) -> None:
@@ -121,7 +141,8 @@ class RequestReader:
         self._pending.body.append(body)
 
     def on_message_complete(self) -> None:
-        self._in_head = True
+        self._in_message = False
+        self._completed += 1
         version = self._parser.get_http_version()
         if version not in ("1.0", "1.1"):
             # llhttp reads a request line without a version as HTTP/0.9; we speak 1.x only.
@@ -132,8 +153,9 @@ class RequestReader:
             path = url.path.decode("ascii")
             query_bytes = url.query or b""
             query = parse_qs(query_bytes.decode("ascii"), keep_blank_values=True)
+            # RFC 9112 §5: whitespace around a field value is not part of it.
             headers = {
-                name.decode("latin-1").lower(): value.decode("latin-1")
+                name.decode("latin-1").lower(): value.decode("latin-1").strip(" \t")
                 for name, value in pending.headers
             }
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, ValueError):

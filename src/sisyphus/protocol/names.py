@@ -61,6 +61,11 @@ def channels_key(user_id: str) -> str:
     return USER_CHANNEL_PREFIX + user_id + ":channels"
 
 
+def history_key(channel: str) -> str:
+    """The Redis stream that retains a channel's messages for resuming streams."""
+    return "sisyphus:history:" + channel
+
+
 def user_of_channel(channel: str) -> str | None:
     """The user id if ``channel`` is a user channel, else ``None``."""
     if channel.startswith(USER_CHANNEL_PREFIX):

@@ -1,20 +1,57 @@
-"""Event ids as a client hands them back (``Last-Event-ID``), without I/O.
+"""Event ids as positions, and the replay that resumes a stream, without I/O.
 
-For now an id is the decimal number of the last message a stream got; this
-module only checks what a client may send back, so a hostile value is refused
-with a clear 400 before it reaches anything else.
+An event id is ``<epoch>-<seq>-<time>``:
+
+* ``seq`` is a number from ONE sequence per broker, taken atomically with the
+  publish, so ids order a user's messages across all its channels and the id
+  doesn't grow with the number of channels;
+* ``epoch`` names the broker's history (a random word stored with it): an id
+  from a wiped Redis or a restarted embedded broker is recognised as foreign;
+* ``time`` (Unix seconds) tells whether the position is older than retention.
+
+A stream resumes from ``seq``: it gets every retained message with a larger
+seq on its channels, in order, then the live stream.
 """
 
 from __future__ import annotations
 
+import heapq
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 from sisyphus.protocol.http import Request
+
+_ID = re.compile(r"([0-9a-z]{1,16})-([0-9]{1,19})-([0-9]{1,12})")
+
+# Reasons for the `reset` status, as the JSON flavour names them.
+RESET_EPOCH = "epoch"  # the id is from another history (wiped Redis, restarted embedded broker)
+RESET_RETENTION = "retention"  # messages after the id are no longer retained
+RESET_LIMIT = "replay_limit"  # more missed messages than one reconnect may replay
 
 
 class InvalidEventId(ValueError):
     """A ``Last-Event-ID`` that is too long or not an id Sisyphus could have sent."""
 
 
-def last_event_id(request: Request, max_bytes: int) -> str | None:
+@dataclass(frozen=True, slots=True)
+class EventId:
+    epoch: str
+    seq: int
+    time: int
+
+    def encode(self) -> bytes:
+        return f"{self.epoch}-{self.seq}-{self.time}".encode("ascii")
+
+
+def parse_event_id(text: str) -> EventId:
+    match = _ID.fullmatch(text)
+    if match is None:
+        raise InvalidEventId("Last-Event-ID is not an id this service sent")
+    return EventId(match[1], int(match[2]), int(match[3]))
+
+
+def last_event_id(request: Request, max_bytes: int) -> EventId | None:
     """The ``Last-Event-ID`` header, else the ``lastEventId`` query parameter (polyfills)."""
     value = request.headers.get("last-event-id")
     if value is None:
@@ -23,6 +60,62 @@ def last_event_id(request: Request, max_bytes: int) -> str | None:
         return None
     if len(value) > max_bytes:
         raise InvalidEventId(f"Last-Event-ID longer than {max_bytes} bytes")
-    if not (value.isascii() and value.isdigit()):
-        raise InvalidEventId("Last-Event-ID is not an id this service sent")
-    return value
+    return parse_event_id(value)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One retained message."""
+
+    seq: int
+    channel: str
+    payload: bytes
+    time: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHistory:
+    """What a broker retains of one channel after a position.
+
+    ``entries`` are in seq order (at most the replay bound plus one);
+    ``trimmed`` says messages after the position may have been dropped.
+    """
+
+    entries: list[HistoryEntry]
+    trimmed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The messages to replay, or why the stream must be told to reset."""
+
+    entries: list[HistoryEntry]
+    reset: str | None = None
+
+
+def start_position(
+    claimed: EventId | None, epoch: str, current_seq: int, now: float, max_age: float
+) -> tuple[int, str | None]:
+    """Where a stream starts: (seq to replay after, reset reason or None).
+
+    Without a claimed id the stream starts at the broker's current position,
+    and still replays what is published while it subscribes (no gap).
+    """
+    if claimed is None:
+        return current_seq, None
+    if claimed.epoch != epoch or claimed.seq > current_seq:
+        return current_seq, RESET_EPOCH
+    if now - claimed.time > max_age:
+        return current_seq, RESET_RETENTION
+    return claimed.seq, None
+
+
+def plan_replay(histories: Iterable[ChannelHistory], max_count: int, max_bytes: int) -> Replay:
+    """Merge per-channel histories into one replay in seq order, within the bounds."""
+    histories = list(histories)
+    if any(history.trimmed for history in histories):
+        return Replay([], RESET_RETENTION)
+    merged = list(heapq.merge(*(h.entries for h in histories), key=lambda entry: entry.seq))
+    if len(merged) > max_count or sum(len(e.payload) for e in merged) > max_bytes:
+        return Replay([], RESET_LIMIT)
+    return Replay(merged)

@@ -22,10 +22,11 @@ class Status(enum.Enum):
     FAILURE = "failure"  # the user can't be identified
     ERROR = "error"  # the broker is unreachable
     DISCONNECTED = "disconnected"  # the user's channel set became empty
+    RESET = "reset"  # missed messages can't be replayed: reload state; the stream goes on
 
     @property
     def closes(self) -> bool:
-        return self is not Status.OK
+        return self not in (Status.OK, Status.RESET)
 
 
 def status_body(status: Status) -> bytes:

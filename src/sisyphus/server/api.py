@@ -6,6 +6,9 @@ Owns request validation and the API key check. Bodies are JSON:
     grant:   {"user": "42", "channels": ["room:918"]}
     revoke:  {"user": "42", "channels": ["room:918"]}
 
+and each answers with the event id the message got. ``GET /api/position``
+answers the id of "now", for a page to resume its first stream from.
+
 Without a configured key only loopback clients may call it.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -23,9 +28,10 @@ from sisyphus.metrics import Metrics
 from sisyphus.protocol import http
 from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.protocol.names import InvalidName, check_channel, check_user_id
+from sisyphus.protocol.resume import EventId
 from sisyphus.protocol.rights import rights_notice
 
-ROUTES = ("/api/publish", "/api/grant", "/api/revoke")
+ROUTES = ("/api/publish", "/api/grant", "/api/revoke", "/api/position")
 MAX_CHANNELS_PER_CALL = 1000
 
 
@@ -54,8 +60,14 @@ def bearer_token(request: http.Request) -> str | None:
 
 class Api:
     def __init__(
-        self, broker: Broker, api_key: str | None, metrics: Metrics, cors: CorsPolicy
+        self,
+        broker: Broker,
+        api_key: str | None,
+        metrics: Metrics,
+        cors: CorsPolicy,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self._wall_clock = wall_clock
         self._broker = broker
         self._key = api_key.encode() if api_key else None
         self._metrics = metrics
@@ -79,21 +91,23 @@ class Api:
         self._metrics.api_requests += 1
         keep = request.keep_alive
         cors = self._cors.headers(request.headers.get("origin"))
-        if request.method != "POST":
+        method = "GET" if request.path == "/api/position" else "POST"
+        if request.method != method:
             self._metrics.api_rejected += 1
             return http.response(
                 HTTPStatus.METHOD_NOT_ALLOWED,
-                b'{"error": "use POST"}',
+                http.error_body(f"use {method}"),
                 keep_alive=keep,
-                headers=(("Allow", "POST"), *cors),
+                headers=(("Allow", method), *cors),
             )
         try:
             self._authorize(request, peer_host)
-            body = self._parse(request)
-            if request.path == "/api/publish":
-                result = await self._publish(body)
+            if request.path == "/api/position":
+                result = await self._position()
+            elif request.path == "/api/publish":
+                result = await self._publish(self._parse(request))
             else:
-                result = await self._rights(request.path.rsplit("/", 1)[1], body)
+                result = await self._rights(request.path.rsplit("/", 1)[1], self._parse(request))
         except ApiError as exc:
             self._metrics.api_rejected += 1
             challenge = (("WWW-Authenticate", "Bearer"),) if exc.status == 401 else ()
@@ -127,8 +141,14 @@ class Api:
             check_channel(channel)
         except InvalidName as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-        await self._broker.publish(channel, text.encode("utf-8", "surrogatepass"))
-        return {"published": True, "channel": channel}
+        event_id = await self._broker.publish(channel, text.encode("utf-8", "surrogatepass"))
+        return {"published": True, "channel": channel, "id": event_id.encode().decode()}
+
+    async def _position(self) -> dict[str, Any]:
+        """The id of "now": a page renders it, and its first stream resumes from there."""
+        position = await self._broker.position()
+        now = int(self._wall_clock())
+        return {"id": EventId(position.epoch, position.seq, now).encode().decode()}
 
     async def _rights(self, change: str, body: dict[str, Any]) -> dict[str, Any]:
         user = body.get("user")
@@ -152,7 +172,11 @@ class Api:
         except InvalidName as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         if change == "grant":
-            await self._broker.grant(user, channels, rights_notice("granted", channels))
-            return {"user": user, "granted": sorted(set(channels))}
-        await self._broker.revoke(user, channels, rights_notice("revoked", channels))
-        return {"user": user, "revoked": sorted(set(channels))}
+            event_id = await self._broker.grant(user, channels, rights_notice("granted", channels))
+            return {
+                "user": user,
+                "granted": sorted(set(channels)),
+                "id": event_id.encode().decode(),
+            }
+        event_id = await self._broker.revoke(user, channels, rights_notice("revoked", channels))
+        return {"user": user, "revoked": sorted(set(channels)), "id": event_id.encode().decode()}

@@ -17,6 +17,7 @@ from sisyphus.brokers.base import Broker
 from sisyphus.brokers.memory import MemoryBroker
 from sisyphus.brokers.redis import RedisBroker
 from sisyphus.config import Settings
+from sisyphus.errors import BrokerUnavailable
 from sisyphus.hub.hub import Hub
 from sisyphus.metrics import Metrics
 from sisyphus.protocol.auth import Authenticator, TokenVerifier, VerificationKey
@@ -32,10 +33,15 @@ log = logging.getLogger("sisyphus")
 MAX_TICK_SECONDS = 1.0
 
 
-def make_broker(settings: Settings) -> Broker:
+def make_broker(settings: Settings, wall_clock: Callable[[], float] = time.time) -> Broker:
     if settings.redis_url:
-        return RedisBroker(settings.redis_url, timeout=settings.broker_timeout)
-    return MemoryBroker()
+        return RedisBroker(
+            settings.redis_url,
+            timeout=settings.broker_timeout,
+            history_size=settings.history_size,
+            history_max_age=settings.history_max_age,
+        )
+    return MemoryBroker(settings.history_size, settings.history_max_age, wall_clock)
 
 
 def make_authenticator(settings: Settings) -> Authenticator:
@@ -67,7 +73,7 @@ class Service:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.broker = broker if broker is not None else make_broker(settings)
+        self.broker = broker if broker is not None else make_broker(settings, wall_clock)
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         # Connections still sending a request head, and since when (loop clock).
@@ -81,6 +87,7 @@ class Service:
             clock=loop.time,
             metrics=self.metrics,
             on_user_message=self._on_user_message,
+            wall_clock=wall_clock,
         )
         self.authenticator = make_authenticator(settings)
         self.streams = Streams(
@@ -93,11 +100,11 @@ class Service:
             self.cors,
             wall_clock,
         )
-        self.api = Api(self.broker, settings.api_key, self.metrics, self.cors)
+        self.api = Api(self.broker, settings.api_key, self.metrics, self.cors, wall_clock)
         self.broker.bind(self.hub.dispatch, self.streams.on_broker_lost)
 
-    def _on_user_message(self, user_id: str) -> None:
-        self.streams.on_user_message(user_id)
+    def _on_user_message(self, user_id: str, position: int) -> None:
+        self.streams.on_user_message(user_id, position)
 
     @property
     def port(self) -> int:
@@ -110,6 +117,12 @@ class Service:
     async def start(self) -> None:
         settings = self.settings
         await self.broker.start()
+        try:
+            position = await self.broker.position()
+        except BrokerUnavailable:
+            pass  # learnt at the first stream's snapshot, once the broker is back
+        else:
+            self.hub.set_position(position.epoch, position.seq)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: HttpConnection(self),

@@ -23,12 +23,20 @@ from sisyphus.brokers.base import Broker
 from sisyphus.config import Settings
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.hub.hub import Hub
-from sisyphus.hub.subscriber import State, Subscriber
+from sisyphus.hub.subscriber import Held, State, Subscriber
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import http, sse
 from sisyphus.protocol.auth import Authenticator, AuthFailure
 from sisyphus.protocol.cors import CorsPolicy
-from sisyphus.protocol.resume import InvalidEventId, last_event_id
+from sisyphus.protocol.resume import (
+    EventId,
+    HistoryEntry,
+    InvalidEventId,
+    Replay,
+    last_event_id,
+    plan_replay,
+    start_position,
+)
 from sisyphus.protocol.rights import readable_channels
 
 log = logging.getLogger("sisyphus.streams")
@@ -44,6 +52,28 @@ class StreamTransport(Protocol):
     def abort(self) -> None: ...
     def close(self) -> None: ...
     def is_closing(self) -> bool: ...
+
+
+class _Detached:
+    """The transport of a collector: it only holds messages, it never writes."""
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("a collector never writes")
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _frame(event_id: bytes, message: HistoryEntry | Held, json_flavour: bool) -> bytes:
+    if json_flavour:
+        return sse.encode_json_message(event_id, message.channel, message.payload)
+    return sse.encode_event(event_id, message.payload)
 
 
 class StreamOwner(Protocol):
@@ -80,6 +110,7 @@ class Streams:
         self.max_connections = settings.max_connections or default_max_connections()
         self._refreshing: set[str] = set()
         self._refresh_again: set[str] = set()
+        self._refresh_since: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # (expiry, tie-breaker, stream): the sweep ends streams whose token ran out.
         self._expiries: list[tuple[float, int, Subscriber]] = []
@@ -108,7 +139,7 @@ class Streams:
             transport.close()
 
         try:
-            last_event_id(request, settings.max_last_event_id_bytes)
+            claimed = last_event_id(request, settings.max_last_event_id_bytes)
         except InvalidEventId as exc:
             self._metrics.bad_requests += 1
             transport.write(http.response(HTTPStatus.BAD_REQUEST, http.error_body(str(exc))))
@@ -128,11 +159,12 @@ class Streams:
             return
         try:
             async with asyncio.timeout(settings.broker_timeout):
-                members = await self._broker.user_channels(user_id)
+                members, position = await self._broker.snapshot(user_id)
         except (BrokerUnavailable, TimeoutError) as exc:
             log.warning("stream user=%s: broker unavailable: %s", user_id, exc)
             refuse(sse.Status.ERROR, "broker_unavailable")
             return
+        self._hub.set_position(position.epoch, position.seq)
         if members is None:
             log.info("stream refused: unknown user=%s", user_id)
             refuse(sse.Status.FAILURE, "unknown_user")
@@ -147,21 +179,30 @@ class Streams:
             log.warning("stream refused: user=%s reads %d channels", user_id, len(readable) - 1)
             refuse(sse.Status.FAILURE, "too_many_channels")
             return
+        now = self._wall_clock()
+        start, reset = start_position(
+            claimed, position.epoch, position.seq, now, settings.history_max_age
+        )
         sub = Subscriber(
             transport,
             user_id,
-            self._hub.current_id(),
+            b"",
             settings.max_unsent_bytes,
             self._loop.time(),
             json_flavour=json_flavour,
             expires_at=identity.expires_at,
         )
-        ok_id = sub.last_id
         owner.subscriber = sub
         self._hub.add(sub, readable)
         try:
             async with asyncio.timeout(settings.broker_timeout):
+                # Subscribed first, then history: a message is either retained and
+                # replayed, or published later and held; the barrier closes the seam.
                 await self._broker.wait_subscribed(readable)
+                replay = Replay([], reset)
+                if reset is None:
+                    replay = await self._read_replay(readable, start)
+                await self._broker.barrier()
         except (BrokerUnavailable, TimeoutError) as exc:
             log.warning("stream user=%s: subscribing failed: %s", user_id, exc)
             self.end(sub, sse.Status.ERROR, "broker_unavailable", head=head)
@@ -170,10 +211,51 @@ class Streams:
             return  # ended meanwhile (client gone, rights emptied, broker lost)
         if identity.expires_at is not None:
             heapq.heappush(self._expiries, (identity.expires_at, next(self._tie), sub))
+        if claimed is not None and reset is None:
+            ok_id = claimed.encode()
+        else:
+            ok_id = EventId(position.epoch, start, int(now)).encode()
+        frames = [head, sse.encode_status(ok_id, sse.Status.OK, json_flavour=json_flavour)]
+        last_id = self._catch_up(sub, replay, start, ok_id, position.epoch, frames)
         self._metrics.connections_opened += 1
-        ok = sse.encode_status(ok_id, sse.Status.OK, json_flavour=json_flavour)
-        sub.go_live(head + ok, self._loop.time())
+        sub.go_live(b"".join(frames), last_id, self._loop.time())
         log.debug("stream open user=%s channels=%d", user_id, len(readable))
+
+    async def _read_replay(self, channels: frozenset[str], after: int) -> Replay:
+        settings = self._settings
+        histories = await self._broker.history(channels, after, settings.replay_max_messages + 1)
+        return plan_replay(histories, settings.replay_max_messages, settings.replay_max_bytes)
+
+    def _catch_up(
+        self,
+        sub: Subscriber,
+        replay: Replay,
+        start: int,
+        last_id: bytes,
+        epoch: str,
+        frames: list[bytes],
+        held: list[Held] | None = None,
+    ) -> bytes:
+        """Append the reset or replay, then the held messages not replayed; return the last id."""
+        json_flavour = sub.json_flavour
+        if replay.reset is not None:
+            self._metrics.resets += 1
+            frames.append(
+                sse.encode_status(
+                    last_id, sse.Status.RESET, json_flavour=json_flavour, reason=replay.reset
+                )
+            )
+        replayed_through = start
+        for entry in replay.entries:
+            last_id = EventId(epoch, entry.seq, entry.time).encode()
+            frames.append(_frame(last_id, entry, json_flavour))
+            replayed_through = entry.seq
+        self._metrics.replayed += len(replay.entries)
+        for message in sub.held if held is None else held:
+            if message.seq is None or message.seq > replayed_through:
+                last_id = message.event_id
+                frames.append(_frame(last_id, message, json_flavour))
+        return last_id
 
     def _over_limits(self, user_id: str, refuse: Callable[[sse.Status, str], None]) -> bool:
         """Refuse a stream past the process or per-user limit (a retry later may pass)."""
@@ -237,6 +319,7 @@ class Streams:
         )
         if was is State.STARTING:
             data = head + frame  # never went live: held messages were never promised
+            sub.held = []
         else:
             data = b"".join(sub.pending) + frame
             self._metrics.connections_closed += 1
@@ -273,8 +356,14 @@ class Streams:
         return expired
 
     # Rights refresh ----------------------------------------------------------
-    def on_user_message(self, user_id: str) -> None:
-        """A message reached ``user:<id>``: re-read its set (once, even for a burst)."""
+    def on_user_message(self, user_id: str, position: int) -> None:
+        """A message reached ``user:<id>`` at ``position``: re-read its set.
+
+        A burst of notices causes one refresh plus at most one more, which
+        replays added channels from the earliest notice of the burst.
+        """
+        since = self._refresh_since.get(user_id)
+        self._refresh_since[user_id] = position if since is None else min(since, position)
         if user_id in self._refreshing:
             self._refresh_again.add(user_id)
             return
@@ -287,14 +376,16 @@ class Streams:
         try:
             while True:
                 self._refresh_again.discard(user_id)
-                await self._refresh_once(user_id)
+                since = self._refresh_since.pop(user_id, self._hub.position)
+                await self._refresh_once(user_id, since)
                 if user_id not in self._refresh_again:
                     return
         finally:
             self._refreshing.discard(user_id)
             self._refresh_again.discard(user_id)
+            self._refresh_since.pop(user_id, None)
 
-    async def _refresh_once(self, user_id: str) -> None:
+    async def _refresh_once(self, user_id: str, since: int) -> None:
         try:
             async with asyncio.timeout(self._settings.broker_timeout):
                 members = await self._broker.user_channels(user_id)
@@ -318,8 +409,51 @@ class Streams:
             for sub in subs:
                 self.end(sub, sse.Status.FAILURE, "too_many_channels")
             return
+        added = readable.difference(*(sub.channels for sub in subs)) if subs else frozenset()
         for sub in subs:
+            # Removals take effect now: nothing published on a removed channel after this.
+            self._hub.update(sub, sub.channels & readable)
+        if added:
+            await self._add_channels(user_id, readable, added, since)
+        else:
+            for sub in self._hub.streams_of(user_id):
+                self._hub.update(sub, readable)
+
+    async def _add_channels(
+        self, user_id: str, readable: frozenset[str], added: frozenset[str], since: int
+    ) -> None:
+        """Subscribe ``added`` without losing what was published since the rights notice.
+
+        A collector listens on the new channels while their subscription is set up;
+        then the retained messages since the notice and the collected ones are handed
+        to the user's streams, which take over the channels in the same step.
+        """
+        collector = Subscriber(_Detached(), user_id, b"", 0, self._loop.time())
+        self._hub.update(collector, added)
+        try:
+            async with asyncio.timeout(self._settings.broker_timeout):
+                await self._broker.wait_subscribed(added)
+                replay = await self._read_replay(added, since)
+                await self._broker.barrier()
+        except (BrokerUnavailable, TimeoutError) as exc:
+            log.warning("refresh user=%s: subscribing failed: %s", user_id, exc)
+            self._hub.remove(collector)
+            for sub in self._hub.streams_of(user_id):
+                self.end(sub, sse.Status.ERROR, "broker_unavailable")
+            return
+        epoch = self._hub.epoch
+        for sub in self._hub.streams_of(user_id):
+            if sub.state is State.STARTING:
+                self._hub.update(sub, readable)  # its own handshake replays and holds
+                continue
+            frames: list[bytes] = []
+            sub.last_id = self._catch_up(
+                sub, replay, since, sub.last_id, epoch, frames, collector.held
+            )
+            for frame in frames:
+                self._hub.push(sub, frame)
             self._hub.update(sub, readable)
+        self._hub.remove(collector)
 
     async def wait_idle(self) -> None:
         """Wait for running refreshes (used at shutdown)."""
