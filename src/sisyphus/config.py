@@ -302,6 +302,25 @@ class Settings:
         "seconds to wait for the broker before a client gets `error`",
         "SECONDS",
     )
+    broker_ping_interval: float = _setting(
+        5.0,
+        _positive_float,
+        "seconds between PINGs on the Redis pub/sub link; no PONG within --broker-timeout "
+        "means the link is dead and is reconnected",
+        "SECONDS",
+    )
+    shutdown_drain: float = _setting(
+        2.0,
+        _non_negative_float,
+        "seconds over which streams are closed at shutdown, so clients don't return as one storm",
+        "SECONDS",
+    )
+    shutdown_timeout: float = _setting(
+        10.0,
+        _positive_float,
+        "seconds a graceful stop may take before the process exits",
+        "SECONDS",
+    )
     log_level: str = _setting("INFO", _log_level, "debug, info, warning or error", "LEVEL")
 
     def replace(self, **changes: Any) -> Settings:

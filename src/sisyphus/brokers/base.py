@@ -47,6 +47,13 @@ class Broker(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def ready(self) -> bool:
+        """Connected and every wanted subscription confirmed (what /readyz reports)."""
+
+    def tick(self, now: float) -> None:
+        """Called by the service's periodic tick (loop clock): health checks; never blocks."""
+
     def subscribe(self, channels: list[str]) -> None:
         """Start delivering ``channels``; must not block (confirmation comes later)."""
 

@@ -74,6 +74,13 @@ class MemoryBroker:
     def connected(self) -> bool:
         return True
 
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def tick(self, now: float) -> None:
+        return None
+
     def subscribe(self, channels: list[str]) -> None:
         self._subscribed.update(channels)
 

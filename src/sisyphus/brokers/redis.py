@@ -49,6 +49,8 @@ T = TypeVar("T")
 
 # Channels per SUBSCRIBE command when resubscribing after a reconnect.
 SUBSCRIBE_BATCH = 1000
+# Command connections (sets, history, publish) per process, beside the one pub/sub link.
+COMMAND_POOL_SIZE = 16
 
 
 def _drop(channel: str, payload: bytes, seq: int | None, epoch: bytes | None, time: int) -> None:
@@ -99,9 +101,14 @@ class RedisBroker:
         timeout: float = 5.0,
         history_size: int = 1000,
         history_max_age: float = 3600.0,
+        ping_interval: float = 5.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 10.0,
     ) -> None:
+        self._ping_interval = ping_interval
+        # The health PING in flight on the pub/sub link, and when it was sent (loop clock).
+        self._health_ping: tuple[asyncio.Future[None], float] | None = None
+        self._last_ping = 0.0
         self._url = url
         self._history_size = history_size
         self._history_max_age = history_max_age
@@ -109,14 +116,19 @@ class RedisBroker:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._params: dict[str, Any] = dict(parse_url(url))
-        self._commands = aioredis.Redis.from_url(
+        # A bounded pool: a burst of handshakes queues for a connection instead of
+        # opening one each (and keeping them all open afterwards).
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=COMMAND_POOL_SIZE,
+            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             # A pooled connection may have died with a Redis restart: retry once on a new one.
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError],
         )
+        self._commands = aioredis.Redis(connection_pool=pool)
         self._on_message: MessageHandler = _drop
         self._on_lost: LostHandler = _ignore
         self._protocol: _PubSubProtocol | None = None
@@ -154,10 +166,41 @@ class RedisBroker:
             self._protocol.transport.close()
         self._fail_waiters()
         await self._commands.aclose()
+        await self._commands.connection_pool.disconnect()
 
     @property
     def connected(self) -> bool:
         return self._ready
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and every channel the hub wants is confirmed subscribed."""
+        return self._ready and self._confirmed == self._wanted
+
+    def tick(self, now: float) -> None:
+        """From the service's periodic tick: PING the pub/sub link; cut it if it went deaf.
+
+        A link that stays open but delivers nothing (a wedged proxy, a failover that
+        kept the TCP connection) is found here, not by waiting for a message.
+        """
+        if not self._ready:
+            return
+        if self._health_ping is not None:
+            future, sent_at = self._health_ping
+            if future.done():
+                self._health_ping = None
+            elif now - sent_at > self._timeout:
+                log.error("redis pub/sub: no PONG in %.1f s; reconnecting", self._timeout)
+                self._health_ping = None
+                if self._protocol is not None and self._protocol.transport is not None:
+                    self._protocol.transport.abort()
+            return
+        if now - self._last_ping >= self._ping_interval:
+            self._last_ping = now
+            future = asyncio.get_running_loop().create_future()
+            self._pongs.append(future)
+            self._write(("PING",))
+            self._health_ping = (future, now)
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -220,6 +263,7 @@ class RedisBroker:
         if protocol is not self._protocol:
             return
         self._protocol = None
+        self._health_ping = None
         was_ready, self._ready = self._ready, False
         self._confirmed.clear()
         self._outstanding.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 import time
 from collections.abc import Callable
@@ -24,9 +25,15 @@ from sisyphus.protocol.auth import Authenticator, TokenVerifier, VerificationKey
 from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.server.api import Api
 from sisyphus.server.connection import HttpConnection
+from sisyphus.server.ops import Ops
 from sisyphus.server.streams import Streams
 
 log = logging.getLogger("sisyphus")
+
+# Reconnect hint sent at shutdown: clients come back after 1 to 2 s and resume by id.
+RECONNECT_HINT_MS = 1000
+# Closes during the drain window happen in steps this far apart.
+DRAIN_STEP_SECONDS = 0.05
 
 # The one periodic tick (keep-alives, token expiry, slow request heads) runs at least
 # this often, and at least four times per keep-alive interval.
@@ -40,6 +47,7 @@ def make_broker(settings: Settings, wall_clock: Callable[[], float] = time.time)
             timeout=settings.broker_timeout,
             history_size=settings.history_size,
             history_max_age=settings.history_max_age,
+            ping_interval=settings.broker_ping_interval,
         )
     return MemoryBroker(settings.history_size, settings.history_max_age, wall_clock)
 
@@ -101,6 +109,14 @@ class Service:
             wall_clock,
         )
         self.api = Api(self.broker, settings.api_key, self.metrics, self.cors, wall_clock)
+        self.accepting = False
+        self.ops = Ops(
+            self.broker,
+            self.hub,
+            self.metrics,
+            lambda: self.accepting,
+            lambda: len(self.handshakes),
+        )
         self.broker.bind(self.hub.dispatch, self.streams.on_broker_lost)
 
     def _on_user_message(self, user_id: str, position: int) -> None:
@@ -132,6 +148,7 @@ class Service:
             backlog=4096,
         )
         self._sweeper = loop.create_task(self._sweep())
+        self.accepting = True
         if isinstance(self.broker, MemoryBroker):
             log.warning(
                 "embedded broker: messages and rights live in this process only; "
@@ -158,6 +175,7 @@ class Service:
                 self.hub.sweep_keepalive(interval)
                 self.streams.expire()
                 self._cut_slow_handshakes()
+                self.broker.tick(self.loop.time())
             except Exception:
                 log.exception("periodic sweep failed")  # the next tick tries again
 
@@ -169,7 +187,8 @@ class Service:
             conn.time_out()
 
     async def stop(self) -> None:
-        """Stop accepting, close every stream, disconnect the broker."""
+        """Stop at once: stop accepting, close every stream, disconnect the broker."""
+        self.accepting = False
         if self._server is not None:
             self._server.close()
         if self._sweeper is not None:
@@ -179,20 +198,71 @@ class Service:
         for sub in self.hub.subscribers():
             self.hub.remove(sub)
             sub.transport.close()
+        for conn in list(self.handshakes):
+            conn.time_out()
         await self.streams.wait_idle()
         await self.broker.close()
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def run_until_signalled(self) -> None:
-        await self.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("stopping")
+    async def drain(self) -> None:
+        """Graceful stop: stop accepting, send every stream a reconnect hint, close them
+        spread over the drain window (clients resume by id), then stop."""
+        self.accepting = False
+        if self._server is not None:
+            self._server.close()  # no new connections; /readyz is 503 from now on
+        subs = self.hub.subscribers()
+        random.shuffle(subs)
+        for sub in subs:
+            # Per-connection jitter on top of the spread closes: no reconnect storm.
+            retry = RECONNECT_HINT_MS + random.randrange(RECONNECT_HINT_MS)  # noqa: S311
+            self.hub.push(sub, b": shutting down\nretry: %d\n\n" % retry)
+        self.hub.flush()
+        window = self.settings.shutdown_drain
+        batches = max(1, min(len(subs), int(window / DRAIN_STEP_SECONDS)))
+        for index in range(batches):
+            for sub in subs[index::batches]:
+                self.hub.remove(sub)
+                sub.transport.close()
+            if index + 1 < batches:
+                await asyncio.sleep(window / batches)
+        log.info("drained %d streams", len(subs))
         await self.stop()
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain within shutdown_timeout; a second signal
+        stops at once."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        first = asyncio.Event()
+        second = asyncio.Event()
+
+        def on_signal() -> None:
+            (second if first.is_set() else first).set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        await first.wait()
+        log.info("stopping: draining %d streams", self.hub.stream_count())
+        draining = loop.create_task(self.drain())
+        forced = loop.create_task(second.wait())
+        done, _ = await asyncio.wait(
+            {draining, forced},
+            timeout=self.settings.shutdown_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        forced.cancel()
+        if draining not in done:
+            log.warning("stopping now: %s", "second signal" if second.is_set() else "timeout")
+            draining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await draining
+            for sub in self.hub.subscribers():
+                self.hub.remove(sub)
+                sub.transport.abort()
+        else:
+            draining.result()
+        log.info("stopped")
 
 
 def _redact_url(url: str) -> str:

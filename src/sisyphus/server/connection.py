@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 from sisyphus.errors import PeerError
 from sisyphus.hub.subscriber import Subscriber
 from sisyphus.protocol import http
-from sisyphus.server import api
+from sisyphus.server import api, ops
 
 if TYPE_CHECKING:
     from sisyphus.server.app import Service
@@ -133,7 +133,9 @@ class HttpConnection(asyncio.Protocol):
                     self._queue.clear()
                     await self._service.streams.open(self, transport, request)
                     return
-                if request.path in api.ROUTES:
+                if request.path in ops.ROUTES:
+                    answer = self._service.ops.handle(request)
+                elif request.path in api.ROUTES:
                     answer = await self._service.api.handle(request, self._peer)
                 else:
                     self._service.metrics.bad_requests += 1

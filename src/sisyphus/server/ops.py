@@ -1,0 +1,92 @@
+"""Operator endpoints: ``/healthz``, ``/readyz`` and ``/metrics`` (Prometheus text).
+
+``/healthz`` says the process is alive and its loop answers. ``/readyz`` says a
+load balancer may send clients: the service accepts connections AND its broker
+is connected with every subscription confirmed, so a service that went deaf
+after a broker failover is not "ready".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from http import HTTPStatus
+
+from sisyphus.brokers.base import Broker
+from sisyphus.hub.hub import Hub
+from sisyphus.metrics import Metrics
+from sisyphus.protocol import http
+
+ROUTES = ("/healthz", "/readyz", "/metrics")
+
+_GAUGE_HELP = {
+    "streams": "event streams open in this process",
+    "channels": "channels with at least one local listener",
+    "handshakes": "connections still sending their request head",
+    "broker_connected": "1 while the broker connection is up",
+    "ready": "1 while /readyz answers 200",
+}
+
+
+class Ops:
+    def __init__(
+        self,
+        broker: Broker,
+        hub: Hub,
+        metrics: Metrics,
+        accepting: Callable[[], bool],
+        handshakes: Callable[[], int],
+    ) -> None:
+        self._broker = broker
+        self._hub = hub
+        self._metrics = metrics
+        self._accepting = accepting
+        self._handshakes = handshakes
+
+    def ready(self) -> bool:
+        return self._accepting() and self._broker.ready
+
+    def handle(self, request: http.Request) -> bytes:
+        keep = request.keep_alive
+        if request.method not in ("GET", "HEAD"):
+            return http.response(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                http.error_body("use GET"),
+                keep_alive=keep,
+                headers=(("Allow", "GET, HEAD"),),
+            )
+        if request.path == "/healthz":
+            return http.response(HTTPStatus.OK, b'{"status": "alive"}', keep_alive=keep)
+        if request.path == "/readyz":
+            if self.ready():
+                return http.response(HTTPStatus.OK, b'{"status": "ready"}', keep_alive=keep)
+            reason = "stopping" if not self._accepting() else "broker not ready"
+            return http.response(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                b'{"status": "%s"}' % reason.encode(),
+                keep_alive=keep,
+            )
+        return http.response(
+            HTTPStatus.OK,
+            self.exposition(),
+            "text/plain; version=0.0.4; charset=utf-8",
+            keep_alive=keep,
+        )
+
+    def exposition(self) -> bytes:
+        """Counters and gauges in Prometheus text format, read now (no lock on the hot path)."""
+        lines = []
+        for name, value in self._metrics.statistics().items():
+            metric = f"sisyphus_{name}_total"
+            lines += [f"# TYPE {metric} counter", f"{metric} {value}"]
+        gauges = {
+            "streams": self._hub.stream_count(),
+            "channels": len(self._hub.channels()),
+            "handshakes": self._handshakes(),
+            "broker_connected": int(self._broker.connected),
+            "ready": int(self.ready()),
+        }
+        for name, value in gauges.items():
+            metric = f"sisyphus_{name}"
+            lines += [f"# HELP {metric} {_GAUGE_HELP[name]}", f"# TYPE {metric} gauge"]
+            lines.append(f"{metric} {value}")
+        return ("\n".join(lines) + "\n").encode()
