@@ -58,9 +58,14 @@ async def start_serve(*args: str, env: dict[str, str] | None = None) -> Served:
 
 
 async def stop_serve(served: Served) -> None:
+    """Stop the process if it still runs (a second signal stops a drain at once)."""
     if served.process.returncode is None:
         served.process.terminate()
-        await asyncio.wait_for(served.process.wait(), 10)
+        try:
+            await asyncio.wait_for(served.process.wait(), 10)
+        except TimeoutError:
+            served.process.kill()
+            await served.process.wait()
 
 
 @pytest.fixture

@@ -8,12 +8,19 @@ import signal
 import pytest
 
 from tests.support.sse_client import SseClient, status
-from tests.test_cli import run_cli, start_serve
+from tests.test_cli import Served, run_cli, start_serve, stop_serve
 
 
 async def test_sigterm_sends_reconnect_hints_and_exits_zero() -> None:
     """On SIGTERM every client gets a retry hint and a close; the process exits 0 in time."""
     served = await start_serve("--shutdown-drain", "0.5")
+    try:
+        await sigterm_with_clients(served)
+    finally:
+        await stop_serve(served)
+
+
+async def sigterm_with_clients(served: Served) -> None:
     await run_cli("grant", "1", "room:1", "--url", served.url)
     clients = [await SseClient.open(served.port, "user=1") for _ in range(20)]
     for client in clients:
@@ -33,6 +40,13 @@ async def test_sigterm_sends_reconnect_hints_and_exits_zero() -> None:
 async def test_second_signal_stops_at_once() -> None:
     """With a long drain under way, a second SIGTERM ends the process right away."""
     served = await start_serve("--shutdown-drain", "60", "--shutdown-timeout", "120")
+    try:
+        await second_signal(served)
+    finally:
+        await stop_serve(served)
+
+
+async def second_signal(served: Served) -> None:
     await run_cli("grant", "1", "room:1", "--url", served.url)
     clients = [await SseClient.open(served.port, "user=1") for _ in range(30)]
     for client in clients:
