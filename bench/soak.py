@@ -96,6 +96,7 @@ async def soak(args: argparse.Namespace) -> int:
     port = free_port()
     command = [sys.executable, "-m", "sisyphus", "serve", "--port", str(port)]
     command += ["--log-level", "warning", "--max-connections-per-user", "10"]
+    command += ["--history-size", str(args.history_size)]
     if args.redis:
         command += ["--redis", args.redis]
     server = await asyncio.create_subprocess_exec(*command)
@@ -178,6 +179,9 @@ def main() -> int:
     parser.add_argument("--channels", type=int, default=100)
     parser.add_argument("--interval", type=float, default=60.0, help="seconds between reports")
     parser.add_argument("--redis", help="run the service on this Redis URL")
+    parser.add_argument(
+        "--history-size", type=int, default=1000, help="the service's --history-size"
+    )
     args = parser.parse_args()
     try:
         import uvloop

@@ -113,55 +113,54 @@ async def test_redis_down_at_start_up() -> None:
         server.close()
 
 
-async def test_wedged_pubsub_link_is_detected_by_ping(own_redis: RedisServer) -> None:
+@pytest.fixture
+async def proxied(own_redis: RedisServer) -> AsyncIterator[tuple[TcpProxy, Service]]:
+    """A service that reaches its Redis through a proxy the test can cut or freeze."""
+    proxy = TcpProxy(own_redis.port)
+    await proxy.start()
+    service = Service(settings_for(proxy.url))
+    await service.start()
+    redis.Redis.from_url(own_redis.url).sadd("user:1:channels", "room:1")
+    yield proxy, service
+    await service.stop()
+    await proxy.close()
+
+
+async def test_wedged_pubsub_link_is_detected_by_ping(
+    own_redis: RedisServer, proxied: tuple[TcpProxy, Service]
+) -> None:
     """A link that stays open but forwards nothing is found by the PING, reported, and healed."""
-    proxy = TcpProxy(own_redis.port)
-    await proxy.start()
-    service = Service(settings_for(proxy.url))
-    await service.start()
-    try:
-        redis.Redis.from_url(own_redis.url).sadd("user:1:channels", "room:1")
-        client = await connect_ok(service, "1")
-        proxy.freeze()
-        events = [e for e in await client.until_closed() if not e.is_noop]
-        assert [e.data for e in events] == [status("error")]
-        assert service.metrics.status_error >= 1
-        await wait_ready(service, 503)
-        proxy.cut()
-        proxy.thaw()
-        await wait_ready(service)
-        client = await connect_ok(service, "1")
-        redis.Redis.from_url(own_redis.url).publish("room:1", "healed")
-        assert (await client.next_message()).data == "healed"
-    finally:
-        await service.stop()
-        await proxy.close()
+    proxy, service = proxied
+    client = await connect_ok(service, "1")
+    proxy.freeze()
+    events = [e for e in await client.until_closed() if not e.is_noop]
+    assert [e.data for e in events] == [status("error")]
+    assert service.metrics.status_error >= 1
+    await wait_ready(service, 503)
+    proxy.cut()
+    proxy.thaw()
+    await wait_ready(service)
+    client = await connect_ok(service, "1")
+    redis.Redis.from_url(own_redis.url).publish("room:1", "healed")
+    assert (await client.next_message()).data == "healed"
 
 
-async def test_cut_network_then_resume_by_id(own_redis: RedisServer) -> None:
+async def test_cut_network_then_resume_by_id(proxied: tuple[TcpProxy, Service]) -> None:
     """A cut link closes streams with `error`; clients resume by id without loss afterwards."""
-    proxy = TcpProxy(own_redis.port)
-    await proxy.start()
-    service = Service(settings_for(proxy.url))
-    await service.start()
-    try:
-        redis.Redis.from_url(own_redis.url).sadd("user:1:channels", "room:1")
-        client = await connect_ok(service, "1")
-        first = await service.broker.publish("room:1", b"before")
-        assert (await client.next_message()).id == first.encode().decode()
-        proxy.cut()
-        events = [e.data for e in await client.until_closed() if not e.is_noop]
-        assert events == [status("error")]
-        await wait_ready(service)
-        await service.broker.publish("room:1", b"during")
-        client = await SseClient.open(
-            service.port, "user=1", headers={"Last-Event-ID": first.encode().decode()}
-        )
-        assert (await client.expect()).data == status("ok")
-        assert (await client.next_message()).data == "during"
-    finally:
-        await service.stop()
-        await proxy.close()
+    proxy, service = proxied
+    client = await connect_ok(service, "1")
+    first = await service.broker.publish("room:1", b"before")
+    assert (await client.next_message()).id == first.encode().decode()
+    proxy.cut()
+    events = [e.data for e in await client.until_closed() if not e.is_noop]
+    assert events == [status("error")]
+    await wait_ready(service)
+    await service.broker.publish("room:1", b"during")
+    client = await SseClient.open(
+        service.port, "user=1", headers={"Last-Event-ID": first.encode().decode()}
+    )
+    assert (await client.expect()).data == status("ok")
+    assert (await client.next_message()).data == "during"
 
 
 async def test_ops_endpoints(own_redis: RedisServer) -> None:

@@ -1,0 +1,84 @@
+"""The Python cost of the hot path alone: dispatch + flush to N subscribers, no sockets.
+
+    python bench/hub_dispatch.py [--subscribers 10000] [--messages 200] [--burst 1]
+
+Subscribers write into a transport that only counts bytes, so what is measured is the
+hub's own work per delivery (encode once, queue, one write per subscriber per flush).
+`--burst K` dispatches K messages per loop iteration, to show write coalescing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+from sisyphus.hub.hub import Hub
+from sisyphus.hub.subscriber import Subscriber
+from sisyphus.metrics import Metrics
+
+
+class CountingTransport:
+    __slots__ = ("bytes", "writes")
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.bytes += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class Sink:
+    def subscribe(self, channels: list[str]) -> None:
+        return None
+
+    def unsubscribe(self, channels: list[str]) -> None:
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subscribers", type=int, default=10_000)
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--burst", type=int, default=1)
+    args = parser.parse_args()
+    scheduled: list[Callable[[], None]] = []
+    hub = Hub(Sink(), scheduled.append, time.monotonic, Metrics(), lambda u, p: None, time.time)
+    transports = []
+    for index in range(args.subscribers):
+        transport = CountingTransport()
+        sub = Subscriber(transport, f"u{index}", b"e-0-0", 1 << 20, 0.0)
+        hub.add(sub, ["room:1"])
+        sub.go_live(b"", b"e-0-0", 0.0)
+        transports.append(transport)
+    payload = b'{"event":"changed","id":12345,"ts":1795869851.123}'
+    start = time.perf_counter()
+    for index in range(0, args.messages, args.burst):
+        for seq in range(index, index + args.burst):
+            hub.dispatch("room:1", payload, seq + 1, b"e", 1)
+        for callback in scheduled:
+            callback()
+        scheduled.clear()
+    elapsed = time.perf_counter() - start
+    deliveries = args.subscribers * args.messages
+    writes = sum(t.writes for t in transports) - args.subscribers  # minus go_live
+    print(
+        f"{args.subscribers} subscribers x {args.messages} messages, burst {args.burst}: "
+        f"{elapsed * 1e9 / deliveries:.0f} ns per delivery, "
+        f"{deliveries / elapsed:,.0f} deliveries/s, {writes / deliveries:.2f} writes per delivery"
+    )
+
+
+if __name__ == "__main__":
+    main()
