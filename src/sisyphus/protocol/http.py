@@ -151,8 +151,7 @@ class RequestReader:
         try:
             url = httptools.parse_url(pending.url)
             path = url.path.decode("ascii")
-            query_bytes = url.query or b""
-            query = parse_qs(query_bytes.decode("ascii"), keep_blank_values=True)
+            query = parse_qs(url.query.decode("ascii"), keep_blank_values=True) if url.query else {}
             # RFC 9112 §5: whitespace around a field value is not part of it.
             headers = {
                 name.decode("latin-1").lower(): value.decode("latin-1").strip(" \t")

@@ -103,59 +103,63 @@ class HttpConnection(asyncio.Protocol):
             self.transport.close()
 
     async def _serve(self) -> None:
-        """Answer queued requests in order (HTTP/1.1 pipelining keeps responses ordered)."""
+        """Answer queued requests in order (HTTP/1.1 pipelining keeps responses ordered).
+
+        Answers to pipelined requests go out in one write once the queue is empty:
+        a publisher that pipelines pays one system call per batch, not per message.
+        """
         transport = self.transport
         if transport is None:
             return
+        answers: list[bytes] = []
         try:
             while self._queue and not transport.is_closing():
                 request = self._queue.popleft()
                 if request.method == "OPTIONS" and (
                     request.path == STREAM_PATH or request.path in api.ROUTES
                 ):
-                    transport.write(self._service.cors.preflight(request))
-                    if not request.keep_alive:
-                        transport.close()
-                        return
-                    continue
-                if request.path == STREAM_PATH:
+                    answers.append(self._service.cors.preflight(request))
+                elif request.path == STREAM_PATH:
                     if request.method != "GET":
-                        transport.write(
+                        answers.append(
                             http.response(
                                 HTTPStatus.METHOD_NOT_ALLOWED,
                                 b'{"error": "use GET"}',
                                 headers=(("Allow", "GET"),),
                             )
                         )
-                        transport.close()
+                        _close(transport, answers)
                         return
+                    _write(transport, answers)
                     self._reader = None  # the connection is a stream from now on
                     self._queue.clear()
                     await self._service.streams.open(self, transport, request)
                     return
-                if request.path in ops.ROUTES:
-                    answer = self._service.ops.handle(request)
+                elif request.path in ops.ROUTES:
+                    answers.append(self._service.ops.handle(request))
                 elif request.path in api.ROUTES:
-                    answer = await self._service.api.handle(request, self._peer)
+                    answers.append(await self._service.api.handle(request, self._peer))
                 else:
                     self._service.metrics.bad_requests += 1
-                    answer = http.response(
-                        HTTPStatus.NOT_FOUND,
-                        b'{"error": "not found"}',
-                        keep_alive=request.keep_alive,
+                    answers.append(
+                        http.response(
+                            HTTPStatus.NOT_FOUND,
+                            b'{"error": "not found"}',
+                            keep_alive=request.keep_alive,
+                        )
                     )
-                transport.write(answer)
                 if not request.keep_alive:
-                    transport.close()
+                    _close(transport, answers)
                     return
+            _write(transport, answers)
             if self._reader is not None and not transport.is_closing():
                 self._await_request()  # keep-alive: the next request has the same time bound
         except Exception:
             # The process never dies of a request: log it, answer 500 if nothing was sent.
             log.exception("request from %s failed", self._peer)
             if self.subscriber is None and not transport.is_closing():
-                transport.write(http.response(HTTPStatus.INTERNAL_SERVER_ERROR, b"{}"))
-            transport.close()
+                answers.append(http.response(HTTPStatus.INTERNAL_SERVER_ERROR, b"{}"))
+            _close(transport, answers)
         finally:
             self._task = None
 
@@ -169,3 +173,14 @@ class HttpConnection(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+
+def _write(transport: asyncio.Transport, answers: list[bytes]) -> None:
+    if answers and not transport.is_closing():
+        transport.write(answers[0] if len(answers) == 1 else b"".join(answers))
+    answers.clear()
+
+
+def _close(transport: asyncio.Transport, answers: list[bytes]) -> None:
+    _write(transport, answers)
+    transport.close()
