@@ -35,6 +35,56 @@ return {epoch, seq, tonumber(now)}
 """
 
 
+# The user's rights set and the current position, in one round trip. A rights key of
+# another type than SET reads as an unknown user (its type is returned for the log).
+SNAPSHOT_SCRIPT = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local members = {}
+if kind == 'set' then
+  members = redis.call('SMEMBERS', KEYS[1])
+end
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch)
+end
+return {kind, epoch, redis.call('GET', KEYS[3]) or '0', members}
+"""
+
+# Per channel: whether messages after the position may have been trimmed, and up to
+# ARGV[2] retained entries after it. Nothing published since the position (the usual
+# case for a fresh connect) costs one GET.
+HISTORY_SCRIPT = """
+local after = tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local out = {}
+if current <= after then
+  return out
+end
+for i = 2, #KEYS do
+  local trimmed = 0
+  local entries = {}
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', KEYS[i])
+    local fields = {}
+    for j = 1, #info, 2 do
+      fields[info[j]] = info[j + 1]
+    end
+    if fields['entries-added'] > fields['length'] and fields['first-entry'] then
+      local first = tonumber(string.match(fields['first-entry'][1], '^(%d+)'))
+      if after < first - 1 then
+        trimmed = 1
+      end
+    end
+    entries = redis.call('XRANGE', KEYS[i], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])
+  end
+  out[#out + 1] = trimmed
+  out[#out + 1] = entries
+end
+return out
+"""
+
+
 def publish_call(
     channel: str,
     payload: bytes,

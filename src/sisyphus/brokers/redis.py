@@ -33,8 +33,10 @@ from sisyphus.brokers import backoff
 from sisyphus.brokers.base import LostHandler, MessageHandler, Position
 from sisyphus.brokers.lua import (
     EPOCH_KEY,
+    HISTORY_SCRIPT,
     PUBLISH_SCRIPT,
     SEQUENCE_KEY,
+    SNAPSHOT_SCRIPT,
     parse_envelope,
     publish_call,
 )
@@ -59,6 +61,14 @@ def _drop(channel: str, payload: bytes, seq: int | None, epoch: bytes | None, ti
 
 def _ignore() -> None:
     """Tell nobody (before :meth:`RedisBroker.bind`)."""
+
+
+def _history_entry(channel: str, entry_id: bytes, fields: list[bytes]) -> HistoryEntry:
+    """An XRANGE entry as the script returns it: id ``<seq>-0``, fields ``p`` and ``t``."""
+    values = dict(zip(fields[::2], fields[1::2], strict=True))
+    return HistoryEntry(
+        int(entry_id.split(b"-")[0]), channel, values[b"p"], int(values.get(b"t", b"0"))
+    )
 
 
 class _PubSubProtocol(asyncio.Protocol):
@@ -143,6 +153,8 @@ class RedisBroker:
         self._auth_pending = False
         self._pongs: collections.deque[asyncio.Future[None]] = collections.deque()
         self._publish_script = self._commands.register_script(PUBLISH_SCRIPT)
+        self._snapshot_script = self._commands.register_script(SNAPSHOT_SCRIPT)
+        self._history_script = self._commands.register_script(HISTORY_SCRIPT)
         self.reconnects = 0
 
     def bind(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
@@ -382,28 +394,14 @@ class RedisBroker:
         return members
 
     async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
-        async def read() -> tuple[Any, Any, Any]:
-            async with self._commands.pipeline(transaction=False) as pipe:
-                pipe.smembers(channels_key(user_id))
-                pipe.get(EPOCH_KEY)
-                pipe.get(SEQUENCE_KEY)
-                members, epoch, seq = await pipe.execute(raise_on_error=False)
-            return members, epoch, seq
-
-        members, epoch, seq = await self._call(read())
-        if isinstance(members, ResponseError):
-            if str(members).startswith("WRONGTYPE"):
-                log.warning(
-                    "%s is not a SET: user=%s treated as unknown", channels_key(user_id), user_id
-                )
-                members = set()
-            else:
-                raise BrokerUnavailable(f"redis refused a command: {members}")
-        if epoch is None:
-            position = await self.position()
-        else:
-            position = Position(epoch.decode(), int(seq or 0))
-        # SMEMBERS of a missing key is empty, and Redis deletes empty sets: empty = unknown.
+        keys = [channels_key(user_id), EPOCH_KEY, SEQUENCE_KEY]
+        kind, epoch, seq, members = await self._call(
+            self._snapshot_script(keys=keys, args=[new_epoch()])
+        )
+        position = Position(epoch.decode(), int(seq))
+        if kind not in (b"set", b"none"):
+            log.warning("%s is not a SET: user=%s treated as unknown", keys[0], user_id)
+        # Redis deletes empty sets: a missing or empty set is an unknown user.
         if not members:
             return None, position
         return {member.decode("utf-8", "replace") for member in members}, position
@@ -425,39 +423,17 @@ class RedisBroker:
         self, channels: Iterable[str], after: int, limit: int
     ) -> list[ChannelHistory]:
         channels = list(channels)
-
-        async def read() -> list[Any]:
-            async with self._commands.pipeline(transaction=False) as pipe:
-                for channel in channels:
-                    pipe.xinfo_stream(history_key(channel))
-                    pipe.xrange(history_key(channel), min=f"({after}-0", max="+", count=limit)
-                result: list[Any] = await pipe.execute(raise_on_error=False)
-                return result
-
-        replies = await self._call(read())
+        keys = [SEQUENCE_KEY, *(history_key(channel) for channel in channels)]
+        reply = await self._call(self._history_script(keys=keys, args=[after, limit]))
+        if not reply:
+            return [ChannelHistory([], trimmed=False) for _ in channels]
         result = []
         for index, channel in enumerate(channels):
-            info, entries = replies[2 * index], replies[2 * index + 1]
-            if isinstance(entries, Exception):
-                raise BrokerUnavailable(f"redis refused XRANGE: {entries}")
-            trimmed = False
-            if isinstance(info, dict) and info["entries-added"] > info["length"]:
-                first = info.get("first-entry")
-                first_seq = int(first[0].split(b"-")[0]) if first else info["entries-added"]
-                # Something was trimmed, and it may lie after the position.
-                trimmed = after < first_seq - 1
+            trimmed, entries = reply[2 * index], reply[2 * index + 1]
             result.append(
                 ChannelHistory(
-                    [
-                        HistoryEntry(
-                            int(entry_id.split(b"-")[0]),
-                            channel,
-                            fields[b"p"],
-                            int(fields.get(b"t", b"0")),
-                        )
-                        for entry_id, fields in entries
-                    ],
-                    trimmed,
+                    [_history_entry(channel, entry_id, fields) for entry_id, fields in entries],
+                    trimmed=bool(trimmed),
                 )
             )
         return result
