@@ -152,6 +152,7 @@ class RedisBroker:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._auth_pending = False
         self._pongs: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._outbox: list[bytes] = []
         self._publish_script = self._commands.register_script(PUBLISH_SCRIPT)
         self._snapshot_script = self._commands.register_script(SNAPSHOT_SCRIPT)
         self._history_script = self._commands.register_script(HISTORY_SCRIPT)
@@ -275,6 +276,7 @@ class RedisBroker:
         if protocol is not self._protocol:
             return
         self._protocol = None
+        self._outbox = []
         self._health_ping = None
         was_ready, self._ready = self._ready, False
         self._confirmed.clear()
@@ -297,10 +299,20 @@ class RedisBroker:
 
     # Subscriptions ---------------------------------------------------------
     def _write(self, command: tuple[str, ...]) -> None:
+        """Queue a command for the pub/sub link; all queued in one loop iteration go out in
+        one write (a burst of handshakes would otherwise cost a system call each)."""
+        if self._protocol is None:
+            return
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush_outbox)
+        # hiredis's stub types the argument as a 1-tuple; any tuple of strings is valid.
+        self._outbox.append(hiredis.pack_command(cast(Any, command)))
+
+    def _flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, []
         protocol = self._protocol
-        if protocol is not None and protocol.transport is not None:
-            # hiredis's stub types the argument as a 1-tuple; any tuple of strings is valid.
-            protocol.transport.write(hiredis.pack_command(cast(Any, command)))
+        if outbox and protocol is not None and protocol.transport is not None:
+            protocol.transport.write(b"".join(outbox))
 
     def _send_subscriptions(self, verb: str, channels: list[str]) -> None:
         for channel in channels:
