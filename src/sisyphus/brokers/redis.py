@@ -22,12 +22,7 @@ from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar, cast
 
 import hiredis
-import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 
 from sisyphus.brokers import backoff
 from sisyphus.brokers.base import LostHandler, MessageHandler, Position
@@ -41,6 +36,7 @@ from sisyphus.brokers.lua import (
     publish_call,
 )
 from sisyphus.brokers.memory import new_epoch
+from sisyphus.brokers.redis_link import CommandLink, LinkError, ReplyError
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.protocol.names import channels_key, history_key, user_channel
 from sisyphus.protocol.resume import ChannelHistory, EventId, HistoryEntry
@@ -51,8 +47,9 @@ T = TypeVar("T")
 
 # Channels per SUBSCRIBE command when resubscribing after a reconnect.
 SUBSCRIBE_BATCH = 1000
-# Command connections (sets, history, publish) per process, beside the one pub/sub link.
-COMMAND_POOL_SIZE = 16
+# Command connections (sets, history, publish) per process, beside the one pub/sub link:
+# one pipelined link carries them all.
+COMMAND_POOL_SIZE = 1
 
 
 def _drop(channel: str, payload: bytes, seq: int | None, epoch: bytes | None, time: int) -> None:
@@ -126,19 +123,8 @@ class RedisBroker:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._params: dict[str, Any] = dict(parse_url(url))
-        # A bounded pool: a burst of handshakes queues for a connection instead of
-        # opening one each (and keeping them all open afterwards).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=COMMAND_POOL_SIZE,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # A pooled connection may have died with a Redis restart: retry once on a new one.
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
-        )
-        self._commands = aioredis.Redis(connection_pool=pool)
+        # The service's own commands: one pipelined hiredis connection (see redis_link.py).
+        self._commands = CommandLink(self._params, timeout)
         self._on_message: MessageHandler = _drop
         self._on_lost: LostHandler = _ignore
         self._protocol: _PubSubProtocol | None = None
@@ -153,9 +139,6 @@ class RedisBroker:
         self._auth_pending = False
         self._pongs: collections.deque[asyncio.Future[None]] = collections.deque()
         self._outbox: list[bytes] = []
-        self._publish_script = self._commands.register_script(PUBLISH_SCRIPT)
-        self._snapshot_script = self._commands.register_script(SNAPSHOT_SCRIPT)
-        self._history_script = self._commands.register_script(HISTORY_SCRIPT)
         self.reconnects = 0
 
     def bind(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
@@ -178,8 +161,7 @@ class RedisBroker:
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._fail_waiters()
-        await self._commands.aclose()
-        await self._commands.connection_pool.disconnect()
+        self._commands.close()
 
     @property
     def connected(self) -> bool:
@@ -396,9 +378,9 @@ class RedisBroker:
         try:
             async with asyncio.timeout(self._timeout):
                 return await awaitable
-        except ResponseError as exc:
+        except ReplyError as exc:
             raise BrokerUnavailable(f"redis refused a command: {exc}") from None
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (LinkError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None
 
     async def user_channels(self, user_id: str) -> set[str] | None:
@@ -408,7 +390,7 @@ class RedisBroker:
     async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
         keys = [channels_key(user_id), EPOCH_KEY, SEQUENCE_KEY]
         kind, epoch, seq, members = await self._call(
-            self._snapshot_script(keys=keys, args=[new_epoch()])
+            self._commands.script(SNAPSHOT_SCRIPT, keys, [new_epoch()])
         )
         position = Position(epoch.decode(), int(seq))
         if kind not in (b"set", b"none"):
@@ -420,12 +402,12 @@ class RedisBroker:
 
     async def position(self) -> Position:
         async def read() -> tuple[Any, Any]:
-            async with self._commands.pipeline(transaction=False) as pipe:
-                # The first reader names the history: SET NX keeps an existing epoch.
-                pipe.set(EPOCH_KEY, new_epoch(), nx=True)
-                pipe.get(EPOCH_KEY)
-                pipe.get(SEQUENCE_KEY)
-                _, epoch, seq = await pipe.execute()
+            # The first reader names the history: SET NX keeps an existing epoch.
+            _, epoch, seq = await asyncio.gather(
+                self._commands.call("SET", EPOCH_KEY, new_epoch(), "NX"),
+                self._commands.call("GET", EPOCH_KEY),
+                self._commands.call("GET", SEQUENCE_KEY),
+            )
             return epoch, seq
 
         epoch, seq = await self._call(read())
@@ -436,7 +418,7 @@ class RedisBroker:
     ) -> list[ChannelHistory]:
         channels = list(channels)
         keys = [SEQUENCE_KEY, *(history_key(channel) for channel in channels)]
-        reply = await self._call(self._history_script(keys=keys, args=[after, limit]))
+        reply = await self._call(self._commands.script(HISTORY_SCRIPT, keys, [after, limit]))
         if not reply:
             return [ChannelHistory([], trimmed=False) for _ in channels]
         result = []
@@ -465,5 +447,5 @@ class RedisBroker:
         keys, args = publish_call(
             channel, payload, self._history_size, self._history_max_age, new_epoch(), rights
         )
-        epoch, seq, time = await self._call(self._publish_script(keys=keys, args=args))
+        epoch, seq, time = await self._call(self._commands.script(PUBLISH_SCRIPT, keys, args))
         return EventId(epoch.decode(), int(seq), int(time))
