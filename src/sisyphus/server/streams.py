@@ -197,12 +197,17 @@ class Streams:
         try:
             async with asyncio.timeout(settings.broker_timeout):
                 # Subscribed first, then history: a message is either retained and
-                # replayed, or published later and held; the barrier closes the seam.
+                # replayed, or published later and held.
                 await self._broker.wait_subscribed(readable)
                 replay = Replay([], reset)
                 if reset is None:
                     replay = await self._read_replay(readable, start)
-                await self._broker.barrier()
+                if replay.entries:
+                    # A replayed message may also be on its way live: wait until every
+                    # message published before the history read has arrived, so the
+                    # held ones can be told apart. With nothing replayed, every message
+                    # on these channels came after the read and is held or live.
+                    await self._broker.barrier()
         except (BrokerUnavailable, TimeoutError) as exc:
             log.warning("stream user=%s: subscribing failed: %s", user_id, exc)
             self.end(sub, sse.Status.ERROR, "broker_unavailable", head=head)
@@ -434,7 +439,8 @@ class Streams:
             async with asyncio.timeout(self._settings.broker_timeout):
                 await self._broker.wait_subscribed(added)
                 replay = await self._read_replay(added, since)
-                await self._broker.barrier()
+                if replay.entries:
+                    await self._broker.barrier()  # as in open(): tell held from replayed
         except (BrokerUnavailable, TimeoutError) as exc:
             log.warning("refresh user=%s: subscribing failed: %s", user_id, exc)
             self._hub.remove(collector)
