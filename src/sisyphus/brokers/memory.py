@@ -57,6 +57,7 @@ class MemoryBroker:
         self._clock = wall_clock
         self._epoch = new_epoch()
         self._seq = 0
+        self._next_expiry = 0.0
         # Ordered by last publish, so expired channels are found at the front.
         self._history: collections.OrderedDict[str, _ChannelHistory] = collections.OrderedDict()
 
@@ -136,7 +137,9 @@ class MemoryBroker:
         kept.entries.append(entry)
         kept.last_publish = now
         self._history[channel] = kept  # to the end: the most recently published
-        self._expire()
+        if now >= self._next_expiry:
+            self._next_expiry = now + 1.0  # retention is in seconds: a sweep a second will do
+            self._expire()
         if channel in self._subscribed:
             self._on_message(channel, payload, entry.seq, self._epoch.encode(), entry.time)
         return EventId(self._epoch, entry.seq, entry.time)
