@@ -23,7 +23,6 @@ class Metrics:
     api_requests: int = 0
     api_rejected: int = 0
     bad_requests: int = 0
-    broker_reconnects: int = 0
     auth_failures: int = 0
     tokens_expired: int = 0
     limit_connections: int = 0

@@ -87,7 +87,10 @@ async def test_redis_killed_with_clients_connected(own_redis: RedisServer) -> No
         client = await connect_ok(service, "1")
         redis.Redis.from_url(own_redis.url).publish("room:1", "after recovery")
         assert (await client.next_message()).data == "after recovery"
-        assert service.broker.reconnects >= 1  # type: ignore[attr-defined]
+        assert service.broker.reconnects >= 1
+        metrics = (await asyncio.to_thread(http_get, service.port, "/metrics"))[1].decode()
+        assert "sisyphus_broker_reconnects_total 0" not in metrics
+        assert "sisyphus_broker_reconnects_total" in metrics
     finally:
         await service.stop()
 

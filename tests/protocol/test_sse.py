@@ -263,21 +263,6 @@ def test_json_status_event(
     assert encoded == expected
 
 
-@pytest.mark.parametrize(
-    ("status", "closes"),
-    [
-        (Status.OK, False),
-        (Status.RESET, False),
-        (Status.FAILURE, True),
-        (Status.ERROR, True),
-        (Status.DISCONNECTED, True),
-    ],
-)
-def test_which_statuses_close_the_stream(status: Status, closes: bool) -> None:
-    """`ok` and `reset` keep the stream open; failure, error and disconnected close it."""
-    assert status.closes is closes
-
-
 # Keep-alives and JSON messages ----------------------------------------------------
 
 

@@ -23,6 +23,16 @@ MessageHandler = Callable[[str, bytes, int | None, bytes | None, int], None]
 LostHandler = Callable[[], None]
 
 
+def drop_message(
+    channel: str, payload: bytes, seq: int | None, epoch: bytes | None, time: int
+) -> None:
+    """Deliver nowhere: a broker's handler until ``bind`` is called."""
+
+
+def ignore_loss() -> None:
+    """Tell nobody: a broker's loss handler until ``bind`` is called."""
+
+
 @dataclass(frozen=True, slots=True)
 class Position:
     """The broker's history name and the last seq it handed out."""
@@ -35,6 +45,7 @@ class Broker(Protocol):
     """Pub/sub plus per-user channel sets plus per-channel history."""
 
     name: str
+    reconnects: int  # how often the broker link came back after a loss
 
     def bind(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
         """Where to deliver messages, and whom to tell when the broker connection is lost."""

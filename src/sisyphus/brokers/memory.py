@@ -13,17 +13,9 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 
-from sisyphus.brokers.base import LostHandler, MessageHandler, Position
+from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
 from sisyphus.protocol.names import user_channel
 from sisyphus.protocol.resume import ChannelHistory, EventId, HistoryEntry
-
-
-def _drop(channel: str, payload: bytes, seq: int | None, epoch: bytes | None, time: int) -> None:
-    """Deliver nowhere (before :meth:`MemoryBroker.bind`)."""
-
-
-def _ignore() -> None:
-    """Tell nobody (before :meth:`MemoryBroker.bind`)."""
 
 
 def new_epoch() -> str:
@@ -41,6 +33,7 @@ class _ChannelHistory:
 
 class MemoryBroker:
     name = "embedded"
+    reconnects = 0  # in the process: never lost
 
     def __init__(
         self,
@@ -50,8 +43,8 @@ class MemoryBroker:
     ) -> None:
         self._sets: dict[str, set[str]] = {}
         self._subscribed: set[str] = set()
-        self._on_message: MessageHandler = _drop
-        self._on_lost: LostHandler = _ignore
+        self._on_message: MessageHandler = drop_message
+        self._on_lost: LostHandler = ignore_loss
         self._history_size = history_size
         self._max_age = history_max_age
         self._clock = wall_clock

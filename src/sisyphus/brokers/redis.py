@@ -25,7 +25,7 @@ import hiredis
 from redis.asyncio.connection import parse_url
 
 from sisyphus.brokers import backoff
-from sisyphus.brokers.base import LostHandler, MessageHandler, Position
+from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
 from sisyphus.brokers.lua import (
     EPOCH_KEY,
     HISTORY_SCRIPT,
@@ -49,15 +49,7 @@ T = TypeVar("T")
 SUBSCRIBE_BATCH = 1000
 # Command connections (sets, history, publish) per process, beside the one pub/sub link:
 # one pipelined link carries them all.
-COMMAND_POOL_SIZE = 1
-
-
-def _drop(channel: str, payload: bytes, seq: int | None, epoch: bytes | None, time: int) -> None:
-    """Deliver nowhere (before :meth:`RedisBroker.bind`)."""
-
-
-def _ignore() -> None:
-    """Tell nobody (before :meth:`RedisBroker.bind`)."""
+COMMAND_CONNECTIONS = 1
 
 
 def _history_entry(channel: str, entry_id: bytes, fields: list[bytes]) -> HistoryEntry:
@@ -125,8 +117,8 @@ class RedisBroker:
         self._params: dict[str, Any] = dict(parse_url(url))
         # The service's own commands: one pipelined hiredis connection (see redis_link.py).
         self._commands = CommandLink(self._params, timeout)
-        self._on_message: MessageHandler = _drop
-        self._on_lost: LostHandler = _ignore
+        self._on_message: MessageHandler = drop_message
+        self._on_lost: LostHandler = ignore_loss
         self._protocol: _PubSubProtocol | None = None
         self._ready = False  # authenticated pub/sub connection
         self._closing = False

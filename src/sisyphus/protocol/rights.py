@@ -1,20 +1,14 @@
-"""What a user may read, and how a change of rights turns into (un)subscriptions."""
+"""What a user may read, and the notice a change of rights publishes.
+
+Turning a new set into (un)subscriptions is the hub's job (``Hub.update``).
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from sisyphus.protocol.names import is_valid_channel, user_channel
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelDiff:
-    """Channels to subscribe and to drop after a refresh."""
-
-    added: frozenset[str]
-    removed: frozenset[str]
 
 
 def readable_channels(user_id: str, members: Iterable[str]) -> tuple[frozenset[str], list[str]]:
@@ -31,11 +25,6 @@ def readable_channels(user_id: str, members: Iterable[str]) -> tuple[frozenset[s
         else:
             refused.append(member)
     return frozenset(readable), refused
-
-
-def diff(current: frozenset[str], wanted: frozenset[str]) -> ChannelDiff:
-    """What to subscribe and drop to go from ``current`` to ``wanted``."""
-    return ChannelDiff(added=wanted - current, removed=current - wanted)
 
 
 def rights_notice(change: str, channels: Iterable[str]) -> bytes:

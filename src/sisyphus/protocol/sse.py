@@ -16,17 +16,13 @@ _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
 class Status(enum.Enum):
-    """The statuses of the seed protocol; all but ``OK`` close the stream."""
+    """The statuses: ``OK`` and ``RESET`` keep the stream open, the others close it."""
 
     OK = "ok"
     FAILURE = "failure"  # the user can't be identified
     ERROR = "error"  # the broker is unreachable
     DISCONNECTED = "disconnected"  # the user's channel set became empty
     RESET = "reset"  # missed messages can't be replayed: reload state; the stream goes on
-
-    @property
-    def closes(self) -> bool:
-        return self not in (Status.OK, Status.RESET)
 
 
 def status_body(status: Status) -> bytes:

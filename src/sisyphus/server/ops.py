@@ -75,7 +75,8 @@ class Ops:
     def exposition(self) -> bytes:
         """Counters and gauges in Prometheus text format, read now (no lock on the hot path)."""
         lines = []
-        for name, value in self._metrics.statistics().items():
+        counters = {**self._metrics.statistics(), "broker_reconnects": self._broker.reconnects}
+        for name, value in counters.items():
             metric = f"sisyphus_{name}_total"
             lines += [f"# TYPE {metric} counter", f"{metric} {value}"]
         gauges = {

@@ -23,7 +23,7 @@ from sisyphus.brokers.base import Broker
 from sisyphus.config import Settings
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.hub.hub import Hub
-from sisyphus.hub.subscriber import Held, State, Subscriber
+from sisyphus.hub.subscriber import Held, State, Subscriber, Transport
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import http, sse
 from sisyphus.protocol.auth import Authenticator, AuthFailure
@@ -46,11 +46,9 @@ FD_RESERVE = 64
 DEV_MODE_WARNING_INTERVAL = 60.0
 
 
-class StreamTransport(Protocol):
-    def write(self, data: bytes) -> None: ...
-    def get_write_buffer_size(self) -> int: ...
-    def abort(self) -> None: ...
-    def close(self) -> None: ...
+class StreamTransport(Transport, Protocol):
+    """A subscriber's transport that can also tell whether it is closing."""
+
     def is_closing(self) -> bool: ...
 
 
@@ -171,12 +169,8 @@ class Streams:
             return
         if transport.is_closing() or self._over_limits(user_id, refuse):
             return
-        readable, refused = readable_channels(user_id, members)
-        if refused:
-            log.warning("user=%s: ignored invalid channel names %r", user_id, refused[:10])
-        if len(readable) - 1 > settings.max_channels_per_user:
-            self._metrics.limit_channels += 1
-            log.warning("stream refused: user=%s reads %d channels", user_id, len(readable) - 1)
+        readable = self._readable(user_id, members)
+        if readable is None:
             refuse(sse.Status.FAILURE, "too_many_channels")
             return
         now = self._wall_clock()
@@ -261,6 +255,17 @@ class Streams:
                 last_id = message.event_id
                 frames.append(_frame(last_id, message, json_flavour))
         return last_id
+
+    def _readable(self, user_id: str, members: set[str]) -> frozenset[str] | None:
+        """The channels the user reads, or ``None`` (counted) past the channel limit."""
+        readable, refused = readable_channels(user_id, members)
+        if refused:
+            log.warning("user=%s: ignored invalid channel names %r", user_id, refused[:10])
+        if len(readable) - 1 > self._settings.max_channels_per_user:
+            self._metrics.limit_channels += 1
+            log.warning("user=%s reads %d channels: over the limit", user_id, len(readable) - 1)
+            return None
+        return readable
 
     def _over_limits(self, user_id: str, refuse: Callable[[sse.Status, str], None]) -> bool:
         """Refuse a stream past the process or per-user limit (a retry later may pass)."""
@@ -406,11 +411,8 @@ class Streams:
                 self.end(sub, sse.Status.DISCONNECTED, "no_channels")
             log.info("user=%s has no channel left: %d streams disconnected", user_id, len(subs))
             return
-        readable, refused = readable_channels(user_id, members)
-        if refused:
-            log.warning("user=%s: ignored invalid channel names %r", user_id, refused[:10])
-        if len(readable) - 1 > self._settings.max_channels_per_user:
-            self._metrics.limit_channels += 1
+        readable = self._readable(user_id, members)
+        if readable is None:
             for sub in subs:
                 self.end(sub, sse.Status.FAILURE, "too_many_channels")
             return
