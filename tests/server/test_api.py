@@ -116,6 +116,31 @@ async def test_non_json_body_gets_400(service: Service) -> None:
     await grant(service.port, "1", "room:5")
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"channel": "room:5", "data": "\\ud800"}',  # a lone surrogate: not Unicode text
+        b'{"channel": "room:5", "data": "\xff\xfe"}',  # not UTF-8
+    ],
+)
+async def test_body_that_is_not_unicode_text_gets_400_and_publishes_nothing(
+    service: Service, body: bytes
+) -> None:
+    """Text that could not reach a browser as UTF-8 is refused, not sent mangled."""
+    await grant(service.port, "1", "room:5")
+    client = await SseClient.open(service.port, "user=1")
+    assert (await client.expect()).data == status("ok")
+    head = (
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    answer = await raw_request(service.port, head.encode() + body)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"not valid JSON" in answer
+    await api(service.port, "/api/publish", {"channel": "room:5", "data": "after"})
+    assert (await client.next_message()).data == "after"  # nothing was published before it
+
+
 async def test_oversized_body_gets_413(make_service: ServiceFactory) -> None:
     """A body over the message size limit gets 413 and is not published."""
     service = await make_service(max_message_bytes=100)

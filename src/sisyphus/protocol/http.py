@@ -8,7 +8,7 @@ sockets, routes or brokers.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qs
 
@@ -41,15 +41,6 @@ class Request:
         return values[0] if values else None
 
 
-@dataclass(slots=True)
-class _Pending:
-    url: bytes = b""
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    head_size: int = 0
-    body: list[bytes] = field(default_factory=list)
-    body_size: int = 0
-
-
 class RequestReader:
     """Feeds bytes to httptools and yields complete requests, enforcing size limits.
 
@@ -62,7 +53,13 @@ class RequestReader:
         self._max_head = max_head_bytes
         self._max_body = max_body_bytes
         self._parser = httptools.HttpRequestParser(self)
-        self._pending = _Pending()
+        # The request being parsed: its fields live here, not in an object per request
+        # (a publisher sends tens of thousands a second).
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
         self._done: list[Request] = []
         # Bytes fed while a request head is incomplete: httptools buffers a header
         # internally until its line ends, so this is what bounds that buffer. A chunk
@@ -95,7 +92,7 @@ class RequestReader:
             self._unfinished_head += len(data)
             if self._unfinished_head > self._max_head:
                 # Mostly URL bytes (beside the method and version) means the request line.
-                url = self._unfinished_head - len(self._pending.url) <= _REQUEST_LINE_OVERHEAD
+                url = self._unfinished_head - len(self._url) <= _REQUEST_LINE_OVERHEAD
                 self._too_large(url)
         done, self._done = self._done, []
         return done
@@ -108,37 +105,41 @@ class RequestReader:
         what = "request line" if url else "request head"
         raise PeerError(status, f"{what} larger than {self._max_head} bytes")
 
-    def _count_head(self, size: int, url: bool) -> None:
-        self._pending.head_size += size
-        if self._pending.head_size > self._max_head:
-            self._too_large(url)
-
     def on_message_begin(self) -> None:
         self._in_message = True
         self._in_head = True
         self._began = True
         self._unfinished_head = 0
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        self._body = []
+        self._body_size = 0
 
     def on_url(self, url: bytes) -> None:
-        self._count_head(len(url), url=True)
-        self._pending.url += url
+        self._head_size += len(url)
+        if self._head_size > self._max_head:
+            self._too_large(url=True)
+        self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4, url=False)
-        self._pending.headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self._max_head:
+            self._too_large(url=False)
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._unfinished_head = 0
 
     def on_body(self, body: bytes) -> None:
-        self._pending.body_size += len(body)
-        if self._pending.body_size > self._max_body:
+        self._body_size += len(body)
+        if self._body_size > self._max_body:
             raise PeerError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"request body larger than {self._max_body} bytes",
             )
-        self._pending.body.append(body)
+        self._body.append(body)
 
     def on_message_complete(self) -> None:
         self._in_message = False
@@ -147,25 +148,25 @@ class RequestReader:
         if version not in ("1.0", "1.1"):
             # llhttp reads a request line without a version as HTTP/0.9; we speak 1.x only.
             raise PeerError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"HTTP/{version} not supported")
-        pending, self._pending = self._pending, _Pending()
         try:
-            url = httptools.parse_url(pending.url)
+            url = httptools.parse_url(self._url)
             path = url.path.decode("ascii")
             query = parse_qs(url.query.decode("ascii"), keep_blank_values=True) if url.query else {}
             # RFC 9112 §5: whitespace around a field value is not part of it.
             headers = {
                 name.decode("latin-1").lower(): value.decode("latin-1").strip(" \t")
-                for name, value in pending.headers
+                for name, value in self._headers
             }
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, ValueError):
             raise PeerError(HTTPStatus.BAD_REQUEST, "malformed request target") from None
+        body, self._body, self._headers = self._body, [], []  # not kept until the next request
         self._done.append(
             Request(
                 method=self._parser.get_method().decode("ascii"),
                 path=path,
                 query=query,
                 headers=headers,
-                body=b"".join(pending.body),
+                body=b"".join(body),
                 keep_alive=self._parser.should_keep_alive(),
                 http_version=version,
             )

@@ -19,6 +19,7 @@ import heapq
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sisyphus.protocol.http import Request
 
@@ -34,8 +35,11 @@ class InvalidEventId(ValueError):
     """A ``Last-Event-ID`` that is too long or not an id Sisyphus could have sent."""
 
 
-@dataclass(frozen=True, slots=True)
-class EventId:
+# EventId and HistoryEntry are NamedTuples, not dataclasses: a tuple of ints, strings
+# and bytes is untracked by the cyclic GC after its first collection, so a history of
+# millions of retained messages costs the collector nothing (as frozen dataclasses it
+# cost 13 % of the server's CPU in S3), and a tuple is cheaper to build.
+class EventId(NamedTuple):
     epoch: str
     seq: int
     time: int
@@ -63,8 +67,7 @@ def last_event_id(request: Request, max_bytes: int) -> EventId | None:
     return parse_event_id(value)
 
 
-@dataclass(frozen=True, slots=True)
-class HistoryEntry:
+class HistoryEntry(NamedTuple):
     """One retained message."""
 
     seq: int
