@@ -23,9 +23,12 @@ def new_epoch() -> str:
 
 
 class _ChannelHistory:
-    __slots__ = ("entries", "last_publish", "trimmed_through")
+    __slots__ = ("channel", "entries", "last_publish", "trimmed_through")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, channel: str, size: int) -> None:
+        # Every entry shares this one name object: a retained message costs its payload,
+        # its seq and a tuple, not a copy of the channel name.
+        self.channel = channel
         self.entries: collections.deque[HistoryEntry] = collections.deque(maxlen=size)
         self.trimmed_through = 0  # the highest seq dropped by the count bound
         self.last_publish = 0.0
@@ -49,8 +52,10 @@ class MemoryBroker:
         self._max_age = history_max_age
         self._clock = wall_clock
         self._epoch = new_epoch()
+        self._epoch_bytes = self._epoch.encode()
         self._seq = 0
         self._next_expiry = 0.0
+        self._seconds = 0
         # Ordered by last publish, so expired channels are found at the front.
         self._history: collections.OrderedDict[str, _ChannelHistory] = collections.OrderedDict()
 
@@ -122,20 +127,30 @@ class MemoryBroker:
 
     def _sequenced(self, channel: str, payload: bytes) -> EventId:
         self._seq += 1
+        seq = self._seq
         now = self._clock()
-        entry = HistoryEntry(self._seq, channel, payload, int(now))
-        kept = self._history.pop(channel, None) or _ChannelHistory(self._history_size)
-        if len(kept.entries) == self._history_size:
-            kept.trimmed_through = kept.entries[0].seq
-        kept.entries.append(entry)
+        seconds = int(now)
+        if seconds == self._seconds:
+            seconds = self._seconds  # one int object per second, shared by its entries
+        else:
+            self._seconds = seconds
+        history = self._history
+        kept = history.get(channel)
+        if kept is None:
+            kept = history[channel] = _ChannelHistory(channel, self._history_size)
+        else:
+            history.move_to_end(channel)  # the most recently published go to the end
+        entries = kept.entries
+        if len(entries) == self._history_size:
+            kept.trimmed_through = entries[0].seq
+        entries.append(HistoryEntry(seq, kept.channel, payload, seconds))
         kept.last_publish = now
-        self._history[channel] = kept  # to the end: the most recently published
         if now >= self._next_expiry:
             self._next_expiry = now + 1.0  # retention is in seconds: a sweep a second will do
             self._expire()
         if channel in self._subscribed:
-            self._on_message(channel, payload, entry.seq, self._epoch.encode(), entry.time)
-        return EventId(self._epoch, entry.seq, entry.time)
+            self._on_message(channel, payload, seq, self._epoch_bytes, seconds)
+        return EventId(self._epoch, seq, seconds)
 
     async def publish(self, channel: str, payload: bytes) -> EventId:
         return self._sequenced(channel, payload)
