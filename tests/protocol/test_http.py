@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from http import HTTPStatus
+from urllib.parse import parse_qs
 
 import pytest
 from hypothesis import given
@@ -571,3 +572,13 @@ def test_header_values_lose_surrounding_whitespace() -> None:
     """RFC 9112: `Authorization: Bearer abc ` reads as `Bearer abc`."""
     (request,) = feed_all([b"GET / HTTP/1.1\r\nAuthorization:   Bearer abc \t\r\n\r\n"])
     assert request.headers["authorization"] == "Bearer abc"
+
+
+@given(st.text(alphabet="ab=&;%+2F0 é", max_size=24))
+def test_query_parsing_matches_the_standard_library(text: str) -> None:
+    """The fast path for plain queries gives exactly what parse_qs gives."""
+    assert http.parse_query(text) == parse_qs(text, keep_blank_values=True)
+
+
+def test_query_values_are_unquoted() -> None:
+    assert http.parse_query("user=a%2Fb&x=1+2&user=c") == {"user": ["a/b", "c"], "x": ["1 2"]}

@@ -88,7 +88,11 @@ class Broker(Protocol):
     async def history(
         self, channels: Iterable[str], after: int, limit: int
     ) -> list[ChannelHistory]:
-        """Per channel, up to ``limit`` retained messages with a seq above ``after``."""
+        """Per channel, up to ``limit`` retained messages with a seq above ``after``.
+
+        A channel with nothing retained after ``after`` (and nothing trimmed) may be
+        left out of the list.
+        """
 
     async def publish(self, channel: str, payload: bytes) -> EventId:
         """Deliver and retain ``payload``; return the id it got."""

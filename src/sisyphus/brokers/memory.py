@@ -9,6 +9,7 @@ epoch, so ids from before it are recognised as foreign.
 from __future__ import annotations
 
 import collections
+import itertools
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -105,15 +106,18 @@ class MemoryBroker:
     async def history(
         self, channels: Iterable[str], after: int, limit: int
     ) -> list[ChannelHistory]:
+        if after >= self._seq:
+            return []  # nothing was published since: the usual first connect
         self._expire()
         result = []
         for channel in channels:
             kept = self._history.get(channel)
             if kept is None:
-                result.append(ChannelHistory([], trimmed=False))
                 continue
-            entries = [entry for entry in kept.entries if entry.seq > after][:limit]
-            result.append(ChannelHistory(entries, trimmed=kept.trimmed_through > after))
+            # Entries are in seq order: walk back from the newest to the position only.
+            newer = list(itertools.takewhile(lambda e: e.seq > after, reversed(kept.entries)))
+            newer.reverse()
+            result.append(ChannelHistory(newer[:limit], trimmed=kept.trimmed_through > after))
         return result
 
     def _expire(self) -> None:

@@ -41,6 +41,22 @@ class Request:
         return values[0] if values else None
 
 
+def parse_query(text: str) -> dict[str, list[str]]:
+    """``parse_qs(text, keep_blank_values=True)``, with a fast path for the usual query.
+
+    Every stream request carries one (``?user=42``); without ``%`` or ``+`` nothing
+    needs unquoting and a split gives the same result as parse_qs at a fifth of the cost.
+    """
+    if "%" in text or "+" in text:
+        return parse_qs(text, keep_blank_values=True)
+    query: dict[str, list[str]] = {}
+    for field in text.split("&"):
+        if field:
+            name, _, value = field.partition("=")
+            query.setdefault(name, []).append(value)
+    return query
+
+
 class RequestReader:
     """Feeds bytes to httptools and yields complete requests, enforcing size limits.
 
@@ -151,7 +167,7 @@ class RequestReader:
         try:
             url = httptools.parse_url(self._url)
             path = url.path.decode("ascii")
-            query = parse_qs(url.query.decode("ascii"), keep_blank_values=True) if url.query else {}
+            query = parse_query(url.query.decode("ascii")) if url.query else {}
             # RFC 9112 §5: whitespace around a field value is not part of it.
             headers = {
                 name.decode("latin-1").lower(): value.decode("latin-1").strip(" \t")

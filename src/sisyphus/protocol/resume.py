@@ -96,6 +96,9 @@ class Replay:
     reset: str | None = None
 
 
+NOTHING_TO_REPLAY = Replay([])
+
+
 def start_position(
     claimed: EventId | None, epoch: str, current_seq: int, now: float, max_age: float
 ) -> tuple[int, str | None]:
@@ -118,7 +121,13 @@ def plan_replay(histories: Iterable[ChannelHistory], max_count: int, max_bytes: 
     histories = list(histories)
     if any(history.trimmed for history in histories):
         return Replay([], RESET_RETENTION)
-    merged = list(heapq.merge(*(h.entries for h in histories), key=lambda entry: entry.seq))
+    with_entries = [h.entries for h in histories if h.entries]
+    if not with_entries:
+        return NOTHING_TO_REPLAY  # the usual case: a connect that missed nothing
+    if len(with_entries) == 1:
+        merged = with_entries[0]
+    else:
+        merged = list(heapq.merge(*with_entries, key=lambda entry: entry.seq))
     if len(merged) > max_count or sum(len(e.payload) for e in merged) > max_bytes:
         return Replay([], RESET_LIMIT)
     return Replay(merged)

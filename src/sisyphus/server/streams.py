@@ -155,41 +155,38 @@ class Streams:
             self._warn_development_mode(user_id)
         if self._over_limits(user_id, refuse):
             return
+        sub: Subscriber | None = None
         try:
+            # One deadline for all of the handshake's broker steps (a timer costs more
+            # than the rest of an embedded-broker handshake's waiting, which is none).
             async with asyncio.timeout(settings.broker_timeout):
                 members, position = await self._broker.snapshot(user_id)
-        except (BrokerUnavailable, TimeoutError) as exc:
-            log.warning("stream user=%s: broker unavailable: %s", user_id, exc)
-            refuse(sse.Status.ERROR, "broker_unavailable")
-            return
-        self._hub.set_position(position.epoch, position.seq)
-        if members is None:
-            log.info("stream refused: unknown user=%s", user_id)
-            refuse(sse.Status.FAILURE, "unknown_user")
-            return
-        if transport.is_closing() or self._over_limits(user_id, refuse):
-            return
-        readable = self._readable(user_id, members)
-        if readable is None:
-            refuse(sse.Status.FAILURE, "too_many_channels")
-            return
-        now = self._wall_clock()
-        start, reset = start_position(
-            claimed, position.epoch, position.seq, now, settings.history_max_age
-        )
-        sub = Subscriber(
-            transport,
-            user_id,
-            b"",
-            settings.max_unsent_bytes,
-            self._loop.time(),
-            json_flavour=json_flavour,
-            expires_at=identity.expires_at,
-        )
-        owner.subscriber = sub
-        self._hub.add(sub, readable)
-        try:
-            async with asyncio.timeout(settings.broker_timeout):
+                self._hub.set_position(position.epoch, position.seq)
+                if members is None:
+                    log.info("stream refused: unknown user=%s", user_id)
+                    refuse(sse.Status.FAILURE, "unknown_user")
+                    return
+                if transport.is_closing() or self._over_limits(user_id, refuse):
+                    return
+                readable = self._readable(user_id, members)
+                if readable is None:
+                    refuse(sse.Status.FAILURE, "too_many_channels")
+                    return
+                now = self._wall_clock()
+                start, reset = start_position(
+                    claimed, position.epoch, position.seq, now, settings.history_max_age
+                )
+                sub = Subscriber(
+                    transport,
+                    user_id,
+                    b"",
+                    settings.max_unsent_bytes,
+                    self._loop.time(),
+                    json_flavour=json_flavour,
+                    expires_at=identity.expires_at,
+                )
+                owner.subscriber = sub
+                self._hub.add(sub, readable)
                 # Subscribed first, then history: a message is either retained and
                 # replayed, or published later and held.
                 await self._broker.wait_subscribed(readable)
@@ -203,8 +200,12 @@ class Streams:
                     # on these channels came after the read and is held or live.
                     await self._broker.barrier()
         except (BrokerUnavailable, TimeoutError) as exc:
-            log.warning("stream user=%s: subscribing failed: %s", user_id, exc)
-            self.end(sub, sse.Status.ERROR, "broker_unavailable", head=head)
+            if sub is None:
+                log.warning("stream user=%s: broker unavailable: %s", user_id, exc)
+                refuse(sse.Status.ERROR, "broker_unavailable")
+            else:
+                log.warning("stream user=%s: subscribing failed: %s", user_id, exc)
+                self.end(sub, sse.Status.ERROR, "broker_unavailable", head=head)
             return
         if sub.state is not State.STARTING:
             return  # ended meanwhile (client gone, rights emptied, broker lost)
