@@ -45,7 +45,7 @@ class EventId(NamedTuple):
     time: int
 
     def encode(self) -> bytes:
-        return f"{self.epoch}-{self.seq}-{self.time}".encode("ascii")
+        return f"{self.epoch}-{self.seq}-{self.time}".encode()  # ASCII by construction
 
 
 def parse_event_id(text: str) -> EventId:
