@@ -1,0 +1,87 @@
+"""Cross-checks in C for the figures a Python load generator can't settle by itself.
+
+    .venv/bin/python bench/native_check.py [--connections 10000] [--churn-seconds 10]
+
+Needs a C compiler (`cc`). Two checks, with the same pinning as bench/run.py (server
+on core 0, load on core 1):
+
+1. The broadcast floor (native/broadcast_floor.c): one process writing one event to
+   each of N loopback connections, no server logic at all. It bounds what any
+   single-core server reaches in S2 at 1 msg/s, and so how far below Nchan a p99 can go.
+2. Churn with a C client (native/churn_client.c) against Sisyphus (embedded broker) and
+   Nchan: bench/run.py's S4 client saturates its core before Nchan does, so this
+   shows Nchan's real cycle rate, and whether Sisyphus's figure is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import procfs
+from targets import STATUS_OK, Nchan, Sisyphus, Target
+
+NATIVE = Path(__file__).resolve().parent / "native"
+
+
+def build(name: str, into: Path) -> Path:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise SystemExit("no C compiler: apt-get install gcc")
+    binary = into / name
+    source = NATIVE / f"{name}.c"
+    subprocess.run([compiler, "-O2", "-Wall", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+def run(argv: list[str]) -> str:
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+async def churn(target: Target, binary: Path, users: int, seconds: float, load_cpu: int) -> str:
+    target.start()
+    try:
+        await target.prepare("broadcast", users)
+        path = target.subscriber("broadcast").replace("{i}", "%d")
+        marker = STATUS_OK if target.ready_marker else "\r\n\r\n"
+        before = procfs.total_cpu(target.server_pids())
+        began = time.monotonic()
+        argv = [str(binary), str(target.port), path, marker, str(users), "2", "64"]
+        line = run([*argv, str(seconds), str(load_cpu)])
+        cpu = (procfs.total_cpu(target.server_pids()) - before) / (time.monotonic() - began)
+        return f"{line}, server CPU {100 * cpu:.0f} %"
+    finally:
+        target.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, default=10_000)
+    parser.add_argument("--churn-seconds", type=float, default=10.0)
+    parser.add_argument("--churn-users", type=int, default=1000)
+    parser.add_argument("--server-cpu", type=int, default=0)
+    parser.add_argument("--load-cpu", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-native-") as folder:
+        floor = build("broadcast_floor", Path(folder))
+        client = build("churn_client", Path(folder))
+        print(f"- server core {args.server_cpu}, load core {args.load_cpu}")
+        cpus = [str(args.server_cpu), str(args.load_cpu)]
+        line = run([str(floor), str(args.connections), "4", *cpus])
+        print(f"- broadcast floor (C writer, no server logic): {line}")
+        for target in (Sisyphus(args.server_cpu, 15.0), Nchan(args.server_cpu, 15.0)):
+            line = asyncio.run(
+                churn(target, client, args.churn_users, args.churn_seconds, args.load_cpu)
+            )
+            print(f"- churn, C client, {target.name}: {line}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
