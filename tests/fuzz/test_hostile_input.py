@@ -119,6 +119,20 @@ def test_pipelined_second_stream_never_leaks_another_user(port: int) -> None:
     assert answer.count(b"<status>ok</status>") == 1
 
 
+def test_valid_requests_before_garbage_in_one_read_are_answered_first(port: int) -> None:
+    """Pipelined requests that precede a malformed one get their answers, then the 400."""
+    answer = exchange(
+        port,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"\x16\x03\x01 garbage\r\n\r\n",
+    )
+    assert answer.count(b"HTTP/1.1 200 OK") == 2
+    assert answer.index(b"HTTP/1.1 200 OK") < answer.index(b"HTTP/1.1 400 ")
+    assert answer.count(b"HTTP/1.1 ") == 3
+    still_serves(port)
+
+
 TOKEN = st.binary(min_size=0, max_size=40)
 LINE_PART = st.one_of(
     st.sampled_from(

@@ -582,3 +582,29 @@ def test_query_parsing_matches_the_standard_library(text: str) -> None:
 
 def test_query_values_are_unquoted() -> None:
     assert http.parse_query("user=a%2Fb&x=1+2&user=c") == {"user": ["a/b", "c"], "x": ["1 2"]}
+
+
+def test_requests_before_a_break_are_returned_and_the_break_kept() -> None:
+    """A read with complete requests, then garbage: the requests first, the error after."""
+    reader = RequestReader(MAX_HEAD, MAX_BODY)
+    requests = reader.feed(GET + GET + b"\x16\x03\x01 garbage\r\n\r\n")
+    assert [r.path for r in requests] == ["/", "/"]
+    assert reader.failure is not None and reader.failure.status == HTTPStatus.BAD_REQUEST
+    with pytest.raises(PeerError):
+        reader.feed(GET)
+
+
+def test_a_break_with_no_complete_request_is_raised_at_once() -> None:
+    reader = RequestReader(MAX_HEAD, MAX_BODY)
+    with pytest.raises(PeerError) as caught:
+        reader.feed(b"\x16\x03\x01 garbage\r\n\r\n")
+    assert caught.value.status == HTTPStatus.BAD_REQUEST
+
+
+def test_an_upgrade_request_is_not_served_but_the_ones_before_it_are() -> None:
+    reader = RequestReader(MAX_HEAD, MAX_BODY)
+    upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+    assert [r.path for r in reader.feed(GET + upgrade)] == ["/"]
+    assert reader.failure is not None and "upgrade" in str(reader.failure)
+    with pytest.raises(PeerError):
+        RequestReader(MAX_HEAD, MAX_BODY).feed(upgrade)

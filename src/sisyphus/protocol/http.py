@@ -86,9 +86,18 @@ class RequestReader:
         self._in_message = False
         self._began = False
         self._completed = 0
+        # Set when the peer broke HTTP after some complete requests; see feed().
+        self.failure: PeerError | None = None
 
     def feed(self, data: bytes) -> list[Request]:
-        """Parse ``data``; return the requests it completed (pipelining yields several)."""
+        """Parse ``data``; return the requests it completed (pipelining yields several).
+
+        If ``data`` breaks HTTP after completing requests, those are returned and the
+        error is kept in :attr:`failure` (and raised by any later call): the peer gets
+        its answers, then the error. Without completed requests the error is raised.
+        """
+        if self.failure is not None:
+            raise self.failure
         was_in_head = self._in_head
         idle_before = not self._in_message
         self._began = False
@@ -96,11 +105,17 @@ class RequestReader:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            raise PeerError(HTTPStatus.BAD_REQUEST, "protocol upgrades are not supported") from None
+            if self._completed:
+                self._done.pop()  # the request asking for the upgrade: it isn't served
+            self._fail(PeerError(HTTPStatus.BAD_REQUEST, "protocol upgrades are not supported"))
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, PeerError):
-                raise exc.__context__ from None
-            raise PeerError(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {exc}") from None
+                self._fail(exc.__context__)
+            else:
+                self._fail(PeerError(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {exc}"))
+        if self.failure is not None:
+            done, self._done = self._done, []
+            return done
         # All of ``data`` belongs to the unfinished head if it was already under way, or
         # if it began with this chunk and no earlier request shared the chunk.
         whole_chunk = (was_in_head and not self._began) or (idle_before and not self._completed)
@@ -112,6 +127,11 @@ class RequestReader:
                 self._too_large(url)
         done, self._done = self._done, []
         return done
+
+    def _fail(self, error: PeerError) -> None:
+        self.failure = error
+        if not self._done:
+            raise error from None
 
     # httptools callbacks -------------------------------------------------
     def _too_large(self, url: bool) -> None:

@@ -77,8 +77,10 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
-        if reader is None:
-            return  # a stream is open (or the connection is ending): input is ignored
+        if reader is None or reader.failure is not None:
+            # A stream is open, the connection is ending, or its last read broke HTTP
+            # (answered once the requests before the break are): input is ignored.
+            return
         self._got_bytes = True
         try:
             requests = reader.feed(data)
@@ -151,8 +153,18 @@ class HttpConnection(asyncio.Protocol):
                 if not request.keep_alive:
                     _close(transport, answers)
                     return
+            reader = self._reader
+            if reader is not None and reader.failure is not None:
+                # Garbage after valid requests in one read: they were answered above,
+                # the garbage gets its error and the connection ends.
+                self._service.metrics.bad_requests += 1
+                log.info("bad request from %s: %s", self._peer, reader.failure)
+                failure = reader.failure
+                answers.append(http.response(failure.status, http.error_body(str(failure))))
+                _close(transport, answers)
+                return
             _write(transport, answers)
-            if self._reader is not None and not transport.is_closing():
+            if reader is not None and not transport.is_closing():
                 self._await_request()  # keep-alive: the next request has the same time bound
         except Exception:
             # The process never dies of a request: log it, answer 500 if nothing was sent.
