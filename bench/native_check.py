@@ -12,7 +12,8 @@ on core 0, load on core 1), against Sisyphus (embedded broker) and Nchan:
    bench/run.py's, the Python subscribers are not what it measures.
 3. Churn with a C client (native/churn_client.c): bench/run.py's S4 client saturates its
    core before Nchan does, so this shows Nchan's real cycle rate, and whether
-   Sisyphus's figure is its own.
+   Sisyphus's figure is its own. Also against bare_server.py: uvloop and httptools
+   answering `ok` with nothing else, the floor of a Python server's cycle.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import procfs
 import wire
-from targets import STATUS_OK, Nchan, Sisyphus, Target
+from targets import STATUS_OK, Nchan, Sisyphus, Target, free_port, pinned, stop_process, wait_port
 
 NATIVE = Path(__file__).resolve().parent / "native"
 
@@ -87,6 +88,26 @@ async def broadcast(
         target.close()
 
 
+def churn_bare(binary: Path, users: int, seconds: float, server_cpu: int, load_cpu: int) -> str:
+    port = free_port()
+    script = Path(__file__).resolve().parent / "bare_server.py"
+    with tempfile.TemporaryDirectory(prefix="bench-bare-") as folder:
+        log = Path(folder) / "server.log"
+        with log.open("wb") as out:
+            argv = pinned(server_cpu, [sys.executable, str(script), str(port)])
+            server = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_port(port, server, "bare_server.py", log)
+            before = procfs.total_cpu([server.pid])
+            began = time.monotonic()
+            argv = [str(binary), str(port), "/?user=b%d", STATUS_OK, str(users), "2", "64"]
+            line = run([*argv, str(seconds), str(load_cpu)])
+            cpu = (procfs.total_cpu([server.pid]) - before) / (time.monotonic() - began)
+            return f"{line}, server CPU {100 * cpu:.0f} %"
+        finally:
+            stop_process(server)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=10_000)
@@ -114,6 +135,10 @@ def main() -> None:
                 churn(target, client, args.churn_users, args.churn_seconds, args.load_cpu)
             )
             print(f"- churn, C client, {target.name}: {line}")
+        line = churn_bare(
+            client, args.churn_users, args.churn_seconds, args.server_cpu, args.load_cpu
+        )
+        print(f"- churn, C client, bare_server.py (uvloop + httptools, no logic): {line}")
 
 
 if __name__ == "__main__":
