@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -92,11 +92,11 @@ class ChannelHistory:
 class Replay:
     """The messages to replay, or why the stream must be told to reset."""
 
-    entries: list[HistoryEntry]
+    entries: Sequence[HistoryEntry]
     reset: str | None = None
 
 
-NOTHING_TO_REPLAY = Replay([])
+NOTHING_TO_REPLAY = Replay(())
 
 
 def start_position(
