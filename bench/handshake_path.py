@@ -15,39 +15,13 @@ import argparse
 import asyncio
 import gc
 import time
-from typing import Any
 
 import uvloop
+from null_transport import NullTransport
 
 from sisyphus.config import load
 from sisyphus.server.app import GC_THRESHOLD_0, Service
 from sisyphus.server.connection import HttpConnection
-
-
-class RecordingTransport:
-    """Enough of a transport for the service: keeps whether anything was written."""
-
-    def __init__(self) -> None:
-        self.written = False
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written = True
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def abort(self) -> None:
-        self.closing = True
-
-    def close(self) -> None:
-        self.closing = True
 
 
 async def run(users: int, cycles: int) -> None:
@@ -64,11 +38,11 @@ async def run(users: int, cycles: int) -> None:
         gc.freeze()
         start = time.perf_counter()
         for index in range(cycles):
-            transport = RecordingTransport()
+            transport = NullTransport()
             conn = HttpConnection(service)
             conn.connection_made(transport)  # type: ignore[arg-type]
             conn.data_received(requests[index % users])
-            while not transport.written:  # noqa: ASYNC110 (an Event would add its own cost)
+            while not transport.writes:  # noqa: ASYNC110 (an Event would add its own cost)
                 await asyncio.sleep(0)
             conn.connection_lost(None)
         elapsed = time.perf_counter() - start

@@ -13,30 +13,11 @@ import argparse
 import time
 from collections.abc import Callable
 
+from null_transport import NullTransport
+
 from sisyphus.hub.hub import Hub
 from sisyphus.hub.subscriber import Subscriber
 from sisyphus.metrics import Metrics
-
-
-class CountingTransport:
-    __slots__ = ("bytes", "writes")
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.writes = 0
-
-    def write(self, data: bytes) -> None:
-        self.writes += 1
-        self.bytes += len(data)
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def abort(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 class Sink:
@@ -57,7 +38,7 @@ def main() -> None:
     hub = Hub(Sink(), scheduled.append, time.monotonic, Metrics(), lambda u, p: None, time.time)
     transports = []
     for index in range(args.subscribers):
-        transport = CountingTransport()
+        transport = NullTransport()
         sub = Subscriber(transport, f"u{index}", b"e-0-0", 1 << 20, 0.0)
         hub.add(sub, ["room:1"])
         sub.go_live(b"", b"e-0-0", 0.0)

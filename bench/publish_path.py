@@ -17,39 +17,14 @@ import asyncio
 import gc
 import random
 import time
-from typing import Any
 
 import uvloop
+from null_transport import NullTransport
 
 from sisyphus.config import load
 from sisyphus.hub.subscriber import Subscriber
 from sisyphus.server.app import GC_THRESHOLD_0, Service
 from sisyphus.server.connection import HttpConnection
-
-
-class CountingTransport:
-    """Enough of a transport for the service: records nothing, counts writes."""
-
-    def __init__(self) -> None:
-        self.writes = 0
-
-    def write(self, data: bytes) -> None:
-        self.writes += 1
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def is_closing(self) -> bool:
-        return False
-
-    def abort(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 def publish_request(channel: str) -> bytes:
@@ -66,7 +41,7 @@ async def run(users: int, messages: int, batch: int) -> None:
     try:
         transports = []
         for index in range(users):
-            transport = CountingTransport()
+            transport = NullTransport()
             now = service.loop.time()  # fresh streams: no keep-alive falls due during the run
             sub = Subscriber(transport, f"u{index}", b"", 1 << 20, now)  # type: ignore[arg-type]
             service.hub.add(sub, frozenset({f"inbox:{index}"}))
@@ -77,7 +52,7 @@ async def run(users: int, messages: int, batch: int) -> None:
             b"".join(publish_request(f"inbox:{rng.randrange(users)}") for _ in range(batch))
             for _ in range(64)
         ]
-        api = CountingTransport()
+        api = NullTransport()
         conn = HttpConnection(service)
         conn.connection_made(api)  # type: ignore[arg-type]
         gc.freeze()
