@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 import pytest
 
 from sisyphus.hub.hub import Hub
-from sisyphus.hub.subscriber import Held, State, Subscriber
+from sisyphus.hub.states import State
+from sisyphus.hub.subscriber import Held, Subscriber
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import sse
 
@@ -168,17 +169,24 @@ def test_nothing_is_written_before_the_loop_runs(world: World) -> None:
     assert len(transport.writes) == 1
 
 
-def test_plain_publish_gets_the_current_position_as_id(world: World) -> None:
-    """A message without a seq (plain PUBLISH) carries `<epoch>-<position>-<wall time>`."""
-    _, transport = world.live(["room:1"])
+def test_plain_publish_repeats_each_streams_own_id(world: World) -> None:
+    """A plain PUBLISH carries the id each stream already holds: it never moves a position."""
+    _, first = world.live(["room:1"], last_id=b"ep-3-10")
+    _, second = world.live(["room:1"], user_id="2", last_id=b"ep-5-12")
     world.hub.dispatch("room:1", b"a")
     world.hub.set_position("ep", 9)
-    world.wall = 1_700_000_100.2
     world.hub.dispatch("room:1", b"b")
+    world.hub.dispatch("room:1", b"c", seq=10, epoch=b"ep", time=20)
+    world.hub.dispatch("room:1", b"d")
     world.run_loop()
-    assert transport.writes == [
-        b"id: 0-0-1700000000\ndata: a\n\n" + b"id: ep-9-1700000100\ndata: b\n\n"
-    ]
+    assert first.writes == [
+        frame(b"ep-3-10", b"a") + frame(b"ep-3-10", b"b")
+        + frame(b"ep-10-20", b"c") + frame(b"ep-10-20", b"d")
+    ]  # fmt: skip
+    assert second.writes == [
+        frame(b"ep-5-12", b"a") + frame(b"ep-5-12", b"b")
+        + frame(b"ep-10-20", b"c") + frame(b"ep-10-20", b"d")
+    ]  # fmt: skip
 
 
 def test_own_publish_moves_the_position(world: World) -> None:
@@ -266,17 +274,16 @@ def test_starting_stream_holds_events_until_it_goes_live(world: World) -> None:
     assert transport.writes == []
     assert sub.pending == []
     assert sub.held == [
-        Held(b"ep-1-10", 1, "room:1", b"a"),
-        Held(b"ep-1-1700000000", None, "room:2", b"b"),
+        Held(b"ep-1-10", 1, "room:1", b"a", 1),
+        Held(b"", None, "room:2", b"b", 1),
     ]
     assert sub.last_id == b"0-0-0"
 
-    first = HEAD + b"".join(frame(h.event_id, h.payload) for h in sub.held)
-    sub.go_live(first, b"ep-1-1700000000", world.now)
-    assert transport.writes == [HEAD + frame(b"ep-1-10", b"a") + frame(b"ep-1-1700000000", b"b")]
-    assert sub.held == []
+    first = HEAD + frame(b"ep-1-10", b"a") + frame(b"ep-1-10", b"b")
+    sub.go_live(first, b"ep-1-10", world.now)
+    assert transport.writes == [HEAD + frame(b"ep-1-10", b"a") + frame(b"ep-1-10", b"b")]
     assert sub.state is State.LIVE
-    assert sub.last_id == b"ep-1-1700000000"
+    assert sub.last_id == b"ep-1-10"
 
 
 def test_frames_pushed_while_starting_follow_the_head_in_the_same_write(world: World) -> None:

@@ -206,14 +206,14 @@ async def test_previous_secret_is_accepted_until_its_deadline(make_service: Serv
 async def test_stream_ends_with_failure_when_its_token_expires(
     make_service: ServiceFactory,
 ) -> None:
-    """At the token's expiry the stream gets `failure` (reason `expired`) and a long retry."""
+    """At the token's expiry plus the leeway the stream gets `failure` (`expired`), long retry."""
     clock = {"now": time.time()}
     service = await make_service(secret=SECRET, wall_clock=lambda: clock["now"])
     await grant(service.port, "1", "room:1")
     token = mint_token(SECRET, "1", ttl=600)
     client = await SseClient.open(service.port, f"token={token}&format=json")
     assert json.loads((await client.expect()).data) == {"status": "ok"}
-    clock["now"] += 601
+    clock["now"] += 600 + service.settings.leeway + 1
     events = [e for e in await client.until_closed() if e.event != "noop"]
     assert [json.loads(e.data) for e in events] == [{"status": "failure", "reason": "expired"}]
     assert events[0].retry == service.settings.failure_retry_ms

@@ -46,6 +46,7 @@ class Broker(Protocol):
 
     name: str
     reconnects: int  # how often the broker link came back after a loss
+    malformed: int  # internal (sequenced) messages dropped as malformed, never delivered
 
     def bind(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
         """Where to deliver messages, and whom to tell when the broker connection is lost."""

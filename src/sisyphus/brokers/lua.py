@@ -5,6 +5,12 @@ the message to the channel's history stream under that number, optionally
 changes a rights set first, and publishes the message wrapped in a small
 envelope that carries its position. Ids assigned apart from the publish, or
 from clocks, are how other hubs lose or duplicate messages; this can't.
+
+The envelope travels on its own Redis channel, ``sisyphus:seq <channel>``,
+never on ``<channel>`` itself. Whatever bytes a plain ``PUBLISH <channel>``
+carries (payloads relayed from end users included), they are delivered as a
+payload: no payload can pose as a sequenced message. The space in the name
+keeps it apart from every channel a user can read.
 """
 
 from __future__ import annotations
@@ -16,6 +22,17 @@ SEQUENCE_KEY = "sisyphus:seq"
 
 # The envelope: RS (0x1e), "s1 <epoch> <seq> <time>\n", then the payload as published.
 ENVELOPE_PREFIX = b"\x1es1 "
+# Sequenced messages are published on this prefix + the channel name.
+SEQUENCED_PREFIX = "sisyphus:seq "
+SEQUENCED_PREFIX_BYTES = SEQUENCED_PREFIX.encode("ascii")
+
+_EPOCH_CHARS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def sequenced_channel(channel: str) -> str:
+    """The Redis channel that carries ``channel``'s sequenced messages."""
+    return SEQUENCED_PREFIX + channel
+
 
 PUBLISH_SCRIPT = """
 local epoch = redis.call('GET', KEYS[1])
@@ -97,7 +114,7 @@ def publish_call(
     history = history_key(channel)
     keys = [EPOCH_KEY, SEQUENCE_KEY, history, history]
     args: list[str | bytes] = [
-        channel,
+        sequenced_channel(channel),
         payload,
         str(history_size),
         str(max(1, int(history_max_age))),
@@ -113,13 +130,22 @@ def publish_call(
 
 
 def parse_envelope(payload: bytes) -> tuple[bytes, int, int, bytes] | None:
-    """(epoch, seq, time, payload) of an enveloped message; ``None`` for a plain PUBLISH."""
+    """(epoch, seq, time, payload) of an enveloped message; ``None`` if it is malformed.
+
+    Strict, because the fields become event ids: an epoch of 1-16 lowercase letters
+    or digits, a seq of 1-19 digits, a time of 1-12 digits; never raises.
+    """
     if not payload.startswith(ENVELOPE_PREFIX):
         return None
-    end = payload.find(b"\n")
+    end = payload.find(b"\n", 0, 64)
     if end < 0:
         return None
     fields = payload[len(ENVELOPE_PREFIX) : end].split(b" ")
-    if len(fields) != 3 or not fields[1].isdigit() or not fields[2].isdigit():
+    if len(fields) != 3:
         return None
-    return fields[0], int(fields[1]), int(fields[2]), payload[end + 1 :]
+    epoch, seq, time = fields
+    if not 0 < len(epoch) <= 16 or not _EPOCH_CHARS.issuperset(epoch):
+        return None
+    if not (0 < len(seq) <= 19 and seq.isdigit() and 0 < len(time) <= 12 and time.isdigit()):
+        return None
+    return epoch, int(seq), int(time), payload[end + 1 :]

@@ -38,6 +38,7 @@ class _ChannelHistory:
 class MemoryBroker:
     name = "embedded"
     reconnects = 0  # in the process: never lost
+    malformed = 0  # in the process: nothing to forge
 
     def __init__(
         self,

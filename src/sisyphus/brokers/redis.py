@@ -14,12 +14,10 @@ browser on ``room:5`` costs Redis nothing.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import random
-import ssl
 from collections.abc import Awaitable, Iterable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import hiredis
 from redis.asyncio.connection import parse_url
@@ -31,12 +29,20 @@ from sisyphus.brokers.lua import (
     HISTORY_SCRIPT,
     PUBLISH_SCRIPT,
     SEQUENCE_KEY,
+    SEQUENCED_PREFIX_BYTES,
     SNAPSHOT_SCRIPT,
     parse_envelope,
     publish_call,
+    sequenced_channel,
 )
 from sisyphus.brokers.memory import new_epoch
-from sisyphus.brokers.redis_link import CommandLink, LinkError, ReplyError
+from sisyphus.brokers.redis_link import (
+    CommandLink,
+    LinkError,
+    ReplyError,
+    RespProtocol,
+    open_link,
+)
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.protocol.names import channels_key, history_key, user_channel
 from sisyphus.protocol.resume import ChannelHistory, EventId, HistoryEntry
@@ -60,35 +66,48 @@ def _history_entry(channel: str, entry_id: bytes, fields: list[bytes]) -> Histor
     )
 
 
-class _PubSubProtocol(asyncio.Protocol):
-    """Bytes from the pub/sub socket -> hiredis replies -> the broker."""
+class _PubSubProtocol(RespProtocol):
+    """The pub/sub link: messages and confirmations go to the broker, PONGs to their PING."""
 
     def __init__(self, broker: RedisBroker) -> None:
+        super().__init__()
         self._broker = broker
-        self._reader = hiredis.Reader()
-        self.transport: asyncio.Transport | None = None
+        # Set once the handshake (AUTH, PING) is done: from then on an error is fatal.
+        self.established = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        reader = self._reader
-        reader.feed(data)
-        on_reply = self._broker._on_reply
-        while True:
-            try:
-                reply = reader.gets()
-            except hiredis.ProtocolError:
-                log.error("redis pub/sub protocol error; reconnecting")
-                if self.transport is not None:
-                    self.transport.abort()
+    def on_reply(self, reply: Any) -> None:
+        if type(reply) is list:
+            kind = reply[0]
+            if kind == b"message":  # the hot path: straight from the parser to the hub
+                self._broker._on_pubsub_message(reply[1], reply[2])
                 return
-            if reply is False:
+            if kind == b"subscribe" or kind == b"unsubscribe":
+                self._broker._on_confirmation(kind, reply[1].decode("utf-8", "replace"))
                 return
-            on_reply(reply)
+            if kind == b"pong":
+                self.answer(b"PONG")
+                return
+        if self.established and isinstance(reply, hiredis.ReplyError):
+            log.error("redis pub/sub error: %s; reconnecting", reply)
+            self.abort()
+            return
+        self.answer(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         self._broker._on_pubsub_lost(self)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """A health PING's outcome is read by the tick, not here: mark it retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _names(channels: Iterable[str]) -> list[str]:
+    """The Redis channels behind hub channels: the plain one and the sequenced one."""
+    channels = list(channels)
+    return channels + [sequenced_channel(channel) for channel in channels]
 
 
 class RedisBroker:
@@ -105,8 +124,6 @@ class RedisBroker:
         backoff_cap: float = 10.0,
     ) -> None:
         self._ping_interval = ping_interval
-        # The health PING in flight on the pub/sub link, and when it was sent (loop clock).
-        self._health_ping: tuple[asyncio.Future[None], float] | None = None
         self._last_ping = 0.0
         self._url = url
         self._history_size = history_size
@@ -116,22 +133,23 @@ class RedisBroker:
         self._backoff_cap = backoff_cap
         self._params: dict[str, Any] = dict(parse_url(url))
         # The service's own commands: one pipelined hiredis connection (see redis_link.py).
-        self._commands = CommandLink(self._params, timeout)
+        self._commands = CommandLink(self._params, timeout, backoff_base, backoff_cap)
+        self._probe: asyncio.Task[None] | None = None
         self._on_message: MessageHandler = drop_message
         self._on_lost: LostHandler = ignore_loss
-        self._protocol: _PubSubProtocol | None = None
-        self._ready = False  # authenticated pub/sub connection
+        # The pub/sub link, once its handshake answered; None while (re)connecting.
+        self._link: _PubSubProtocol | None = None
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
-        # Channels the hub wants, and per channel the (UN)SUBSCRIBE replies still due.
+        self._failures = 0  # failed connects since the last successful round trip
+        # Redis channels wanted (each hub channel twice: plain and sequenced), and per
+        # channel the (UN)SUBSCRIBE replies still due.
         self._wanted: set[str] = set()
         self._outstanding: dict[str, int] = {}
         self._confirmed: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._auth_pending = False
-        self._pongs: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._outbox: list[bytes] = []
         self.reconnects = 0
+        self.malformed = 0  # sequenced messages dropped for a malformed envelope
 
     def bind(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
         self._on_message = on_message
@@ -148,80 +166,70 @@ class RedisBroker:
 
     async def close(self) -> None:
         self._closing = True
-        if self._reconnect_task is not None:
-            self._reconnect_task.cancel()
-        if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.close()
+        for task in (self._reconnect_task, self._probe):
+            if task is not None:
+                task.cancel()
+        if self._link is not None:
+            self._link.abort()
         self._fail_waiters()
         self._commands.close()
 
     @property
     def connected(self) -> bool:
-        return self._ready
+        return self._link is not None
 
     @property
     def ready(self) -> bool:
-        """Connected, and every channel the hub wants is confirmed subscribed."""
-        return self._ready and self._confirmed == self._wanted
+        """Both links answered, and every channel the hub wants is confirmed subscribed."""
+        return self._link is not None and self._confirmed == self._wanted and self._commands.healthy
 
     def tick(self, now: float) -> None:
-        """From the service's periodic tick: PING the pub/sub link; cut it if it went deaf.
+        """From the service's periodic tick: the links' health, each link's own timeout.
 
-        A link that stays open but delivers nothing (a wedged proxy, a failover that
-        kept the TCP connection) is found here, not by waiting for a message.
+        A link that stays open but answers nothing (a frozen server, a black-holed
+        network, a failover that kept the TCP connection) is aborted and replaced
+        here, not found by waiting for a message.
         """
-        if not self._ready:
-            return
-        if self._health_ping is not None:
-            future, sent_at = self._health_ping
-            if future.done():
-                self._health_ping = None
-            elif now - sent_at > self._timeout:
-                log.error("redis pub/sub: no PONG in %.1f s; reconnecting", self._timeout)
-                self._health_ping = None
-                if self._protocol is not None and self._protocol.transport is not None:
-                    self._protocol.transport.abort()
-            return
-        if now - self._last_ping >= self._ping_interval:
-            self._last_ping = now
-            future = asyncio.get_running_loop().create_future()
-            self._pongs.append(future)
-            self._write(("PING",))
-            self._health_ping = (future, now)
+        link = self._link
+        if link is not None:
+            if link.overdue(now, self._timeout):
+                log.error("redis pub/sub: no answer in %.1f s; reconnecting", self._timeout)
+                link.abort()
+            elif not link.pending and now - self._last_ping >= self._ping_interval:
+                self._last_ping = now
+                link.request("PING").add_done_callback(_retrieve)
+        self._commands.check(now)
+        if not self._commands.healthy and self._probe is None and not self._closing:
+            self._probe = asyncio.get_running_loop().create_task(self._probe_commands())
+
+    async def _probe_commands(self) -> None:
+        """Reconnect the command link in the background (its backoff paces the attempts)."""
+        try:
+            await self._commands.call("PING")
+        except (LinkError, ReplyError, OSError) as exc:
+            log.debug("redis command link probe failed: %s", exc)
+        finally:
+            self._probe = None
 
     async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        params = self._params
         try:
-            async with asyncio.timeout(self._timeout):
-                if "path" in params:
-                    _, protocol = await loop.create_unix_connection(
-                        lambda: _PubSubProtocol(self), params["path"]
-                    )
-                else:
-                    tls = ssl.create_default_context() if "connection_class" in params else None
-                    _, protocol = await loop.create_connection(
-                        lambda: _PubSubProtocol(self),
-                        params.get("host", "localhost"),
-                        params.get("port", 6379),
-                        ssl=tls,
-                    )
-        except (OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"can't connect to redis: {exc}") from None
-        self._protocol = protocol
-        password = params.get("password")
-        if password is not None:
-            username = params.get("username")
-            auth = ("AUTH", username, password) if username else ("AUTH", password)
-            self._auth_pending = True
-            self._write(auth)
-        self._ready = True
+            link = await open_link(
+                self._params, lambda: _PubSubProtocol(self), self._timeout, select_db=False
+            )
+        except (LinkError, ReplyError) as exc:
+            raise BrokerUnavailable(str(exc)) from None
+        if self._closing:
+            link.abort()
+            return
+        self._failures = 0  # AUTH and PING answered: a real round trip
+        link.established = True
+        self._link = link
         self._outstanding.clear()
         self._confirmed.clear()
         wanted = sorted(self._wanted)
         for start in range(0, len(wanted), SUBSCRIBE_BATCH):
             self._send_subscriptions("SUBSCRIBE", wanted[start : start + SUBSCRIBE_BATCH])
-        log.info("redis pub/sub connected channels=%d", len(wanted))
+        log.info("redis pub/sub connected channels=%d", len(wanted) // 2)
 
     def _schedule_reconnect(self) -> None:
         if self._closing or self._reconnect_task is not None:
@@ -229,150 +237,130 @@ class RedisBroker:
         self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
-        attempt = 0
         try:
             while not self._closing:
                 await asyncio.sleep(
-                    backoff.delay(attempt, self._backoff_base, self._backoff_cap, random.random)
+                    backoff.delay(
+                        self._failures, self._backoff_base, self._backoff_cap, random.random
+                    )
                 )
                 try:
                     await self._connect()
                 except BrokerUnavailable as exc:
-                    attempt += 1
-                    log.warning("redis reconnect attempt=%d failed: %s", attempt, exc)
+                    self._failures += 1
+                    log.warning("redis reconnect attempt=%d failed: %s", self._failures, exc)
                     continue
                 self.reconnects += 1
                 return
         finally:
             self._reconnect_task = None
 
-    def _on_pubsub_lost(self, protocol: _PubSubProtocol) -> None:
-        if protocol is not self._protocol:
-            return
-        self._protocol = None
-        self._outbox = []
-        self._health_ping = None
-        was_ready, self._ready = self._ready, False
+    def _on_pubsub_lost(self, link: _PubSubProtocol) -> None:
+        if link is not self._link:
+            return  # a link that never finished its handshake: its opener saw the failure
+        self._link = None
         self._confirmed.clear()
         self._outstanding.clear()
         self._fail_waiters()
         if self._closing:
             return
         log.error("redis pub/sub connection lost; reconnecting")
-        if was_ready:
-            self._on_lost()
+        # Our own duty first: whatever the streams do with the news can't stop it.
         self._schedule_reconnect()
+        try:
+            self._on_lost()
+        except Exception:
+            log.exception("a listener of the broker's loss failed")
 
     def _fail_waiters(self) -> None:
         waiters, self._waiters = self._waiters, {}
-        pongs, self._pongs = self._pongs, collections.deque()
-        for future in [f for futures in waiters.values() for f in futures] + list(pongs):
+        for future in [f for futures in waiters.values() for f in futures]:
             if not future.done():
                 future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
                 future.exception()  # retrieved: nobody may be waiting any more
 
     # Subscriptions ---------------------------------------------------------
-    def _write(self, command: tuple[str, ...]) -> None:
-        """Queue a command for the pub/sub link; all queued in one loop iteration go out in
-        one write (a burst of handshakes would otherwise cost a system call each)."""
-        if self._protocol is None:
+    def _send_subscriptions(self, verb: str, names: list[str]) -> None:
+        link = self._link
+        if link is None:
             return
-        if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush_outbox)
-        # hiredis's stub types the argument as a 1-tuple; any tuple of strings is valid.
-        self._outbox.append(hiredis.pack_command(cast(Any, command)))
-
-    def _flush_outbox(self) -> None:
-        outbox, self._outbox = self._outbox, []
-        protocol = self._protocol
-        if outbox and protocol is not None and protocol.transport is not None:
-            protocol.transport.write(b"".join(outbox))
-
-    def _send_subscriptions(self, verb: str, channels: list[str]) -> None:
-        for channel in channels:
-            self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
-        self._write((verb, *channels))
+        for name in names:
+            self._outstanding[name] = self._outstanding.get(name, 0) + 1
+        link.send((verb, *names))
 
     def subscribe(self, channels: list[str]) -> None:
-        self._wanted.update(channels)
-        if self._ready:
-            self._send_subscriptions("SUBSCRIBE", channels)
+        names = _names(channels)
+        self._wanted.update(names)
+        self._send_subscriptions("SUBSCRIBE", names)
 
     def unsubscribe(self, channels: list[str]) -> None:
-        self._wanted.difference_update(channels)
-        self._confirmed.difference_update(channels)
-        if self._ready:
-            self._send_subscriptions("UNSUBSCRIBE", channels)
+        names = _names(channels)
+        self._wanted.difference_update(names)
+        self._confirmed.difference_update(names)
+        self._send_subscriptions("UNSUBSCRIBE", names)
 
     async def wait_subscribed(self, channels: Iterable[str]) -> None:
-        if not self._ready:
+        if self._link is None:
             raise BrokerUnavailable("redis pub/sub is not connected")
         loop = asyncio.get_running_loop()
         futures = []
-        for channel in channels:
-            if channel not in self._confirmed:
+        for name in _names(channels):
+            if name not in self._confirmed:
                 future: asyncio.Future[None] = loop.create_future()
-                self._waiters.setdefault(channel, []).append(future)
+                self._waiters.setdefault(name, []).append(future)
                 futures.append(future)
         if futures:
             await asyncio.gather(*futures)
 
     async def barrier(self) -> None:
         """PING on the pub/sub link: its PONG comes after every message published before."""
-        if not self._ready:
+        link = self._link
+        if link is None:
             raise BrokerUnavailable("redis pub/sub is not connected")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pongs.append(future)
-        self._write(("PING",))
-        await future
+        try:
+            await link.request("PING")
+        except (LinkError, ReplyError) as exc:
+            raise BrokerUnavailable(f"redis pub/sub: {exc}") from None
 
-    def _on_reply(self, reply: Any) -> None:
-        if type(reply) is list and reply[0] == b"message":
-            # The hot path: straight from the parser to the hub.
-            channel = reply[1].decode("utf-8", "replace")
-            payload = reply[2]
-            if payload[:1] == b"\x1e":
-                envelope = parse_envelope(payload)
-                if envelope is not None:
-                    epoch, seq, time, body = envelope
-                    self._on_message(channel, body, seq, epoch, time)
-                    return
-            self._on_message(channel, payload, None, None, 0)
+    def _on_pubsub_message(self, name: bytes, payload: bytes) -> None:
+        if name.startswith(SEQUENCED_PREFIX_BYTES):
+            envelope = parse_envelope(payload)
+            if envelope is None:
+                self._drop_malformed(name)
+                return
+            epoch, seq, time, body = envelope
+            channel = name[len(SEQUENCED_PREFIX_BYTES) :].decode("utf-8", "replace")
+            self._on_message(channel, body, seq, epoch, time)
             return
-        if isinstance(reply, list) and reply and reply[0] in (b"subscribe", b"unsubscribe"):
-            self._on_confirmation(reply[0], reply[1].decode("utf-8", "replace"))
-        elif (isinstance(reply, list) and reply and reply[0] == b"pong") or reply == b"PONG":
-            if self._pongs:
-                future = self._pongs.popleft()
-                if not future.done():
-                    future.set_result(None)
-        elif isinstance(reply, hiredis.ReplyError):
-            log.error("redis pub/sub error: %s", reply)
-            if self._protocol is not None and self._protocol.transport is not None:
-                self._protocol.transport.abort()
-        elif self._auth_pending and reply == b"OK":
-            self._auth_pending = False
+        self._on_message(name.decode("utf-8", "replace"), payload, None, None, 0)
 
-    def _on_confirmation(self, kind: bytes, channel: str) -> None:
-        left = self._outstanding.get(channel, 0) - 1
+    def _drop_malformed(self, name: bytes) -> None:
+        self.malformed += 1
+        if self.malformed & (self.malformed - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...
+            log.warning(
+                "dropped %d malformed sequenced messages (latest on %r)", self.malformed, name
+            )
+
+    def _on_confirmation(self, kind: bytes, name: str) -> None:
+        left = self._outstanding.get(name, 0) - 1
         if left > 0:
-            self._outstanding[channel] = left
+            self._outstanding[name] = left
             return  # a later (UN)SUBSCRIBE of this channel is still on its way
-        self._outstanding.pop(channel, None)
-        if kind == b"subscribe" and channel in self._wanted:
-            self._confirmed.add(channel)
-            for future in self._waiters.pop(channel, ()):
+        self._outstanding.pop(name, None)
+        if kind == b"subscribe" and name in self._wanted:
+            self._confirmed.add(name)
+            for future in self._waiters.pop(name, ()):
                 if not future.done():
                     future.set_result(None)
 
     # Commands --------------------------------------------------------------
     async def _call(self, awaitable: Awaitable[T]) -> T:
+        # No timeout here: the command link owns it, and aborts a link that misses it.
         try:
-            async with asyncio.timeout(self._timeout):
-                return await awaitable
+            return await awaitable
         except ReplyError as exc:
             raise BrokerUnavailable(f"redis refused a command: {exc}") from None
-        except (LinkError, OSError, TimeoutError) as exc:
+        except (LinkError, OSError) as exc:
             raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None
 
     async def user_channels(self, user_id: str) -> set[str] | None:

@@ -12,7 +12,8 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from sisyphus.hub.subscriber import Held, State, Subscriber
+from sisyphus.hub.states import State
+from sisyphus.hub.subscriber import Held, Subscriber
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import sse
 from sisyphus.protocol.names import user_of_channel
@@ -84,7 +85,7 @@ class Hub:
 
     def remove(self, sub: Subscriber) -> None:
         """Forget ``sub``; channels left without local listeners are unsubscribed."""
-        sub.state = State.CLOSED
+        sub.move(State.CLOSED)
         self.update(sub, frozenset())
         streams = self._users.get(sub.user_id)
         if streams is not None and sub in streams:
@@ -148,45 +149,81 @@ class Hub:
         """A message arrived from the broker: encode it once, queue it for every listener.
 
         ``seq``/``epoch``/``time`` come with messages published through Sisyphus's own
-        path; a plain PUBLISH has none and gets the current position as its id, so
-        it never moves a client's position wrongly.
+        path. A plain PUBLISH has none: each stream gets it under the id it already
+        holds, so nothing a plain PUBLISH carries can move a client's position.
         """
         self._metrics.messages_in += 1
-        if seq is not None and epoch is not None:
+        if seq is not None and epoch is not None and (seq > self._position or epoch != self._epoch):
             self._epoch = epoch
             self._position = seq
         listeners = self._channels.get(channel)
         if listeners:
-            if seq is not None:
-                event_id = b"%s-%d-%d" % (self._epoch, seq, time)
-            else:
-                event_id = self.current_id()
-            frame = sse.encode_event(event_id, payload)
-            json_frame = None  # encoded once, only if a JSON-flavour stream listens
             dirty = self._dirty
             if not dirty:
                 self._schedule(self.flush)
-            for sub in listeners:
-                state = sub.state
-                if state is State.LIVE:
-                    sub.last_id = event_id
-                    pending = sub.pending
-                    if not pending:
-                        dirty.append(sub)
-                    if sub.json_flavour:
-                        if json_frame is None:
-                            json_frame = sse.encode_json_message(event_id, channel, payload)
-                        pending.append(json_frame)
-                    else:
-                        pending.append(frame)
-                elif state is State.STARTING:
-                    # Held raw until the handshake decides what was already replayed.
-                    sub.held.append(Held(event_id, seq, channel, payload))
+            if seq is not None:
+                self._fan_out_sequenced(listeners, channel, payload, seq, time)
+            else:
+                self._fan_out_plain(listeners, channel, payload)
             self._metrics.messages_out += len(listeners)
         user_id = user_of_channel(channel)
         if user_id is not None and user_id in self._users:
             # Forward first, then refresh rights: the notice itself reaches the client.
-            self._on_user_message(user_id, self._position)
+            try:
+                self._on_user_message(user_id, self._position)
+            except Exception:
+                # The refresh's trouble is its own: delivery to everyone else goes on.
+                log.exception("rights refresh failed to start user=%s", user_id)
+
+    def _fan_out_sequenced(
+        self, listeners: set[Subscriber], channel: str, payload: bytes, seq: int, time: int
+    ) -> None:
+        """The hot path: one frame, the same bytes queued for every live listener."""
+        event_id = b"%s-%d-%d" % (self._epoch, seq, time)
+        frame = sse.encode_event(event_id, payload)
+        json_frame = None  # encoded once, only if a JSON-flavour stream listens
+        dirty = self._dirty
+        position = self._position
+        for sub in listeners:
+            state = sub.state
+            if state is State.LIVE:
+                sub.last_id = event_id
+                pending = sub.pending
+                if not pending:
+                    dirty.append(sub)
+                if sub.json_flavour:
+                    if json_frame is None:
+                        json_frame = sse.encode_json_message(event_id, channel, payload)
+                    pending.append(json_frame)
+                else:
+                    pending.append(frame)
+            elif state is not State.CLOSED:
+                # STARTING or CATCHING_UP: held raw until the stream can write it in
+                # order with what it replays.
+                sub.held.append(Held(event_id, seq, channel, payload, position))
+
+    def _fan_out_plain(self, listeners: set[Subscriber], channel: str, payload: bytes) -> None:
+        """A plain PUBLISH: each stream's own id, encoded once per distinct id."""
+        frames: dict[tuple[bytes, bool], bytes] = {}
+        dirty = self._dirty
+        position = self._position
+        for sub in listeners:
+            state = sub.state
+            if state is State.LIVE:
+                key = (sub.last_id, sub.json_flavour)
+                frame = frames.get(key)
+                if frame is None:
+                    if sub.json_flavour:
+                        frame = sse.encode_json_message(sub.last_id, channel, payload)
+                    else:
+                        frame = sse.encode_event(sub.last_id, payload)
+                    frames[key] = frame
+                pending = sub.pending
+                if not pending:
+                    dirty.append(sub)
+                pending.append(frame)
+            elif state is not State.CLOSED:
+                sub.held.append(Held(b"", None, channel, payload, position))
 
     def push(self, sub: Subscriber, frame: bytes) -> None:
         """Queue one frame for one subscriber (keep-alives, statuses)."""
@@ -197,6 +234,22 @@ class Hub:
         if not sub.pending and sub.state is State.LIVE:
             self._dirty.append(sub)
         sub.pending.append(frame)
+
+    def hold(self, sub: Subscriber) -> bool:
+        """Start holding a live stream's messages (a rights refresh adds channels)."""
+        return sub.move(State.CATCHING_UP)
+
+    def release(self, sub: Subscriber, frames: list[bytes], last_id: bytes) -> None:
+        """Go live again: queue ``frames`` after what was pending, then stream as usual."""
+        if not sub.move(State.LIVE):
+            return
+        sub.held = []
+        sub.last_id = last_id
+        sub.pending.extend(frames)
+        if sub.pending:
+            if not self._dirty:
+                self._schedule(self.flush)
+            self._dirty.append(sub)  # a second flush of one stream finds nothing pending
 
     def flush(self) -> None:
         """Write each dirty subscriber's pending frames in one call."""

@@ -1,15 +1,17 @@
 """One browser connection's delivery state, as the hub sees it.
 
-Owns the bytes waiting for the connection's transport, its last event id and
-the bound on unsent data. Must not know about HTTP parsing or brokers. The
-transport is anything with the three methods of :class:`Transport`, so tests
-of the hub can pass their own.
+Owns the bytes waiting for the connection's transport, its last event id, the
+messages held while it starts or catches up, and the bound on unsent data. Its
+state moves only through :mod:`sisyphus.hub.states`. Must not know about HTTP
+parsing or brokers. The transport is anything with the methods of
+:class:`Transport`, so tests of the hub can pass their own.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple, Protocol
+
+from sisyphus.hub.states import State, can_move
 
 
 class Transport(Protocol):
@@ -20,26 +22,24 @@ class Transport(Protocol):
 
 
 class Held(NamedTuple):
-    """A message that arrived while the stream was starting, kept raw until it goes live."""
+    """A message kept raw while its stream starts or catches up, until it can go in order."""
 
     event_id: bytes
     seq: int | None  # None for a plain PUBLISH
     channel: str
     payload: bytes
-
-
-class State(enum.Enum):
-    STARTING = 1  # identified and subscribing: events are held until the `ok` status
-    LIVE = 2  # events are written
-    CLOSED = 3  # gone: events are dropped
+    # Where it stands in the one sequence: its seq, or for a plain PUBLISH the highest
+    # seq the process had seen when it arrived (it came after that one).
+    position: int
 
 
 class Subscriber:
-    """A stream's channels, pending frames, position and liveness clock."""
+    """A stream's channels, pending frames, held messages, position and liveness clock."""
 
     __slots__ = (
         "channels",
         "expires_at",
+        "head",
         "held",
         "json_flavour",
         "last_id",
@@ -60,24 +60,37 @@ class Subscriber:
         now: float,
         json_flavour: bool = False,
         expires_at: float | None = None,
+        head: bytes = b"",
     ) -> None:
+        if not last_id:
+            # Every status a stream may end with repeats this id: it must exist from birth.
+            raise ValueError("a subscriber needs the client's position as its last id")
         self.transport = transport
         self.user_id = user_id
         # The JSON flavour gets `{"channel", "data"}` messages and named status events.
         self.json_flavour = json_flavour
-        # When the stream's token expires (wall clock), or None in development mode.
+        # When the stream's token expires (wall clock, leeway included), or None.
         self.expires_at = expires_at
+        # The HTTP head, written with the first event (`ok` or a closing status).
+        self.head = head
         self.channels: frozenset[str] = frozenset()
         # Frames accepted but not yet written; flushed as one write per loop iteration.
         self.pending: list[bytes] = []
-        # Messages that arrived while STARTING; emptied when the stream goes live.
+        # Messages that arrived while STARTING or CATCHING_UP, in arrival order.
         self.held: list[Held] = []
-        # The id of the last event this stream was given: keep-alives and statuses reuse it,
-        # so they never move the client's position.
+        # The id of the last event this stream was given (the client's position):
+        # keep-alives and statuses repeat it, so they never move the client's position.
         self.last_id = last_id
         self.last_write = now
         self.max_unsent = max_unsent
         self.state = State.STARTING
+
+    def move(self, target: State) -> bool:
+        """Move to ``target`` if the state table allows it; return whether it moved."""
+        if not can_move(self.state, target):
+            return False
+        self.state = target
+        return True
 
     def flush(self, now: float) -> bool:
         """Write the pending frames in one call; return False if the stream was cut as slow."""
@@ -97,16 +110,19 @@ class Subscriber:
         return True
 
     def go_live(self, first_bytes: bytes, last_id: bytes, now: float) -> None:
-        """Write ``first_bytes`` (head, `ok`, replay, held messages) and start streaming.
+        """Write the head and ``first_bytes`` (`ok`, catch-up) and start streaming.
 
         This first write is not held to the unsent bound: a replay may exceed it,
         and is already bounded by the replay limits.
         """
-        self.state = State.LIVE
-        self.held = []
+        if not self.move(State.LIVE):
+            return
         self.last_id = last_id
+        data = self.head + first_bytes
+        self.head = b""
         pending = self.pending
-        data = first_bytes + b"".join(pending) if pending else first_bytes
-        pending.clear()
+        if pending:
+            data += b"".join(pending)
+            pending.clear()
         self.transport.write(data)
         self.last_write = now

@@ -204,8 +204,7 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         for sub in self.hub.subscribers():
-            self.hub.remove(sub)
-            sub.transport.close()
+            self.streams.lifecycle.close(sub)
         for conn in list(self.handshakes):
             conn.time_out()
         await self.streams.wait_idle()
@@ -221,17 +220,13 @@ class Service:
             self._server.close()  # no new connections; /readyz is 503 from now on
         subs = self.hub.subscribers()
         random.shuffle(subs)
-        for sub in subs:
-            # Per-connection jitter on top of the spread closes: no reconnect storm.
-            retry = RECONNECT_HINT_MS + random.randrange(RECONNECT_HINT_MS)  # noqa: S311
-            self.hub.push(sub, b": shutting down\nretry: %d\n\n" % retry)
-        self.hub.flush()
         window = self.settings.shutdown_drain
         batches = max(1, min(len(subs), int(window / DRAIN_STEP_SECONDS)))
         for index in range(batches):
             for sub in subs[index::batches]:
-                self.hub.remove(sub)
-                sub.transport.close()
+                # Per-connection jitter on top of the spread closes: no reconnect storm.
+                retry = RECONNECT_HINT_MS + random.randrange(RECONNECT_HINT_MS)  # noqa: S311
+                self.streams.lifecycle.close(sub, b": shutting down\nretry: %d\n\n" % retry)
             if index + 1 < batches:
                 await asyncio.sleep(window / batches)
         log.info("drained %d streams", len(subs))
@@ -267,8 +262,7 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await draining
             for sub in self.hub.subscribers():
-                self.hub.remove(sub)
-                sub.transport.abort()
+                self.streams.lifecycle.close(sub, abort=True)
         else:
             draining.result()
         log.info("stopped")

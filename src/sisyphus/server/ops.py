@@ -75,7 +75,11 @@ class Ops:
     def exposition(self) -> bytes:
         """Counters and gauges in Prometheus text format, read now (no lock on the hot path)."""
         lines = []
-        counters = {**self._metrics.statistics(), "broker_reconnects": self._broker.reconnects}
+        counters = {
+            **self._metrics.statistics(),
+            "broker_reconnects": self._broker.reconnects,
+            "broker_malformed_messages": self._broker.malformed,
+        }
         for name, value in counters.items():
             metric = f"sisyphus_{name}_total"
             lines += [f"# TYPE {metric} counter", f"{metric} {value}"]

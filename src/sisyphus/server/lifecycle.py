@@ -1,0 +1,214 @@
+"""Ending streams: from any state, for any reason, without ever raising.
+
+Owns the closing statuses (with their ``retry:`` hints and counts), refusals of
+connects that never got a subscriber, the client going away, broker loss, and
+token expiry. Every path that ends a stream comes here, so a closing status
+always repeats the client's own position and one broken stream never stops
+the ending of the others.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import random
+from collections.abc import Callable
+from typing import Protocol
+
+from sisyphus.config import Settings
+from sisyphus.hub.hub import Hub
+from sisyphus.hub.states import State
+from sisyphus.hub.subscriber import Subscriber, Transport
+from sisyphus.metrics import Metrics
+from sisyphus.protocol import sse
+
+log = logging.getLogger("sisyphus.lifecycle")
+
+# Closed streams tolerated in the expiry heap before it is rebuilt without them.
+EXPIRY_SLACK = 64
+
+
+class StreamTransport(Transport, Protocol):
+    """A subscriber's transport that can also tell whether it is closing."""
+
+    def is_closing(self) -> bool: ...
+
+
+class Lifecycle:
+    def __init__(
+        self, settings: Settings, hub: Hub, metrics: Metrics, wall_clock: Callable[[], float]
+    ) -> None:
+        self._settings = settings
+        self._hub = hub
+        self._metrics = metrics
+        self._wall_clock = wall_clock
+        # (expiry, tie-breaker, stream). Closed streams are dropped lazily, and the heap
+        # is rebuilt once they outnumber the open ones, so memory follows open streams.
+        self._expiries: list[tuple[float, int, Subscriber]] = []
+        self._closed_in_heap = 0
+        self._tie = itertools.count()
+
+    # Statuses ----------------------------------------------------------------
+    def retry_ms(self, status: sse.Status) -> int:
+        if status is sse.Status.ERROR:
+            # Jitter so an outage or overload doesn't bring every client back in the same second.
+            base = self._settings.retry_ms
+            return base + random.randrange(base // 2 + 1)  # noqa: S311 - jitter, not a secret
+        return self._settings.failure_retry_ms
+
+    def count(self, status: sse.Status) -> None:
+        if status is sse.Status.FAILURE:
+            self._metrics.status_failure += 1
+        elif status is sse.Status.ERROR:
+            self._metrics.status_error += 1
+        elif status is sse.Status.DISCONNECTED:
+            self._metrics.status_disconnected += 1
+
+    def refuse(
+        self,
+        transport: StreamTransport,
+        head: bytes,
+        event_id: bytes,
+        status: sse.Status,
+        reason: str,
+        json_flavour: bool,
+    ) -> None:
+        """Answer a connect that has no subscriber yet: head, closing status, close."""
+        self.count(status)
+        try:
+            frame = sse.encode_status(
+                event_id, status, self.retry_ms(status), json_flavour=json_flavour, reason=reason
+            )
+            if not transport.is_closing():
+                transport.write(head + frame)
+            transport.close()
+        except Exception:
+            log.exception("refusing a stream failed")
+            _abort(transport)
+
+    # Ending ------------------------------------------------------------------
+    def end(self, sub: Subscriber, status: sse.Status, reason: str | None = None) -> None:
+        """Send ``status`` after what is pending, then close; from any state, never raises."""
+        was = sub.state
+        if was is State.CLOSED:
+            return
+        try:
+            self._hub.remove(sub)
+        except Exception:
+            log.exception("unsubscribing an ending stream failed user=%s", sub.user_id)
+            sub.move(State.CLOSED)
+        self._forget_expiry(sub, was)
+        self.count(status)
+        try:
+            frame = sse.encode_status(
+                sub.last_id,
+                status,
+                self.retry_ms(status),
+                json_flavour=sub.json_flavour,
+                reason=reason,
+            )
+            if was is State.STARTING:
+                data = sub.head + frame  # never went live: held messages were never promised
+            else:
+                # Held messages (CATCHING_UP) were never promised either: the client
+                # resumes from its last id and gets them then.
+                data = b"".join(sub.pending) + frame
+                self._metrics.connections_closed += 1
+            sub.pending.clear()
+            sub.held = []
+            sub.head = b""
+            sub.transport.write(data)
+            sub.transport.close()
+        except Exception:
+            log.exception("ending a stream failed user=%s", sub.user_id)
+            _abort(sub.transport)
+
+    def detach(self, sub: Subscriber) -> None:
+        """The client went away."""
+        if sub.state in (State.LIVE, State.CATCHING_UP):
+            self._metrics.connections_closed += 1
+        if sub.state is not State.CLOSED:
+            self._forget_expiry(sub, sub.state)
+        self._hub.remove(sub)
+        sub.held = []
+        sub.pending.clear()
+
+    def close(self, sub: Subscriber, farewell: bytes = b"", abort: bool = False) -> None:
+        """Close without a status (shutdown): ``farewell`` after what is pending, then close."""
+        was = sub.state
+        if was is State.CLOSED:
+            return
+        if was in (State.LIVE, State.CATCHING_UP):
+            self._metrics.connections_closed += 1
+        try:
+            self._hub.remove(sub)
+            self._forget_expiry(sub, was)
+            data = b"" if was is State.STARTING else b"".join(sub.pending) + farewell
+            sub.pending.clear()
+            sub.held = []
+            if abort:
+                sub.transport.abort()
+                return
+            if data:
+                sub.transport.write(data)
+            sub.transport.close()
+        except Exception:
+            log.exception("closing a stream failed user=%s", sub.user_id)
+            _abort(sub.transport)
+
+    def end_all(self, status: sse.Status, reason: str | None = None) -> int:
+        """End every stream of the process; one failing stream never stops the rest."""
+        subs = self._hub.subscribers()
+        for sub in subs:
+            self.end(sub, status, reason)
+        return len(subs)
+
+    def end_user(self, user_id: str, status: sse.Status, reason: str) -> int:
+        subs = self._hub.streams_of(user_id)
+        for sub in subs:
+            self.end(sub, status, reason)
+        return len(subs)
+
+    def on_broker_lost(self) -> None:
+        count = self.end_all(sse.Status.ERROR, "broker_unavailable")
+        log.error("broker lost: closed %d streams with `error`", count)
+
+    # Expiry ------------------------------------------------------------------
+    def watch_expiry(self, sub: Subscriber) -> None:
+        """Remember to end ``sub`` when its token expires."""
+        if sub.expires_at is not None:
+            heapq.heappush(self._expiries, (sub.expires_at, next(self._tie), sub))
+
+    def expiry_entries(self) -> int:
+        """How many streams the expiry heap holds (open ones plus a bounded slack)."""
+        return len(self._expiries)
+
+    def _forget_expiry(self, sub: Subscriber, was: State) -> None:
+        if sub.expires_at is None or was is State.STARTING:
+            return  # not in the heap: it goes there when the stream goes live
+        self._closed_in_heap += 1
+        if self._closed_in_heap > len(self._expiries) // 2 + EXPIRY_SLACK:
+            self._expiries = [e for e in self._expiries if e[2].state is not State.CLOSED]
+            heapq.heapify(self._expiries)
+            self._closed_in_heap = 0
+
+    def expire(self) -> int:
+        """End the streams whose token has expired; return how many."""
+        now = self._wall_clock()
+        expired = 0
+        while self._expiries and self._expiries[0][0] <= now:
+            _, _, sub = heapq.heappop(self._expiries)
+            if sub.state is not State.CLOSED:
+                self.end(sub, sse.Status.FAILURE, "expired")  # counts it as closed in the heap
+                expired += 1
+            self._closed_in_heap = max(0, self._closed_in_heap - 1)  # it left the heap
+        self._metrics.tokens_expired += expired
+        return expired
+
+
+def _abort(transport: Transport) -> None:
+    try:
+        transport.abort()
+    except Exception:
+        log.exception("aborting a transport failed")

@@ -1,0 +1,206 @@
+"""The rights refresh that a message on ``user:<id>`` triggers, stream by stream.
+
+Owns: holding a user's live streams from the notice on, re-reading the user's
+set, dropping removed channels at once, subscribing added ones and replaying
+what was published on them since the notice, then handing each stream its
+replay and its held messages in sequence order. Each stream is diffed against
+its OWN channels, so two tabs of one user each get their new channels' first
+messages. A burst of notices for one user causes one refresh plus at most one
+more pass; the streams stay held until the last pass is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sisyphus.brokers.base import Broker
+from sisyphus.config import Settings
+from sisyphus.errors import BrokerUnavailable
+from sisyphus.hub.hub import Hub
+from sisyphus.hub.states import State
+from sisyphus.hub.subscriber import Subscriber
+from sisyphus.metrics import Metrics
+from sisyphus.protocol import sse
+from sisyphus.protocol.resume import HistoryEntry
+from sisyphus.protocol.rights import readable_channels
+from sisyphus.server import replay
+from sisyphus.server.lifecycle import Lifecycle
+
+log = logging.getLogger("sisyphus.refresh")
+
+
+def readable(
+    settings: Settings, metrics: Metrics, user_id: str, members: set[str]
+) -> frozenset[str] | None:
+    """The channels the user reads, or ``None`` (counted) past the channel limit."""
+    channels, refused = readable_channels(user_id, members)
+    if refused:
+        log.warning("user=%s: ignored invalid channel names %r", user_id, refused[:10])
+    if len(channels) - 1 > settings.max_channels_per_user:
+        metrics.limit_channels += 1
+        log.warning("user=%s reads %d channels: over the limit", user_id, len(channels) - 1)
+        return None
+    return channels
+
+
+class _Catch:
+    """What one refresh gathered for one stream: replayed messages and a reset reason."""
+
+    __slots__ = ("entries", "reset")
+
+    def __init__(self) -> None:
+        self.entries: dict[int, HistoryEntry] = {}
+        self.reset: str | None = None
+
+
+class Refresher:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        hub: Hub,
+        metrics: Metrics,
+        lifecycle: Lifecycle,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._settings = settings
+        self._broker = broker
+        self._hub = hub
+        self._metrics = metrics
+        self._lifecycle = lifecycle
+        self._loop = loop
+        self._refreshing: set[str] = set()
+        self._again: set[str] = set()
+        self._since: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def on_user_message(self, user_id: str, position: int) -> None:
+        """A message reached ``user:<id>`` at ``position``: hold its streams, re-read its set.
+
+        Holding starts now, in the same step as the notice's delivery: every later
+        message waits until the refresh decided what the stream reads, so removed
+        channels deliver nothing after the notice and added ones go in order.
+        """
+        for sub in self._hub.streams_of(user_id):
+            self._hub.hold(sub)  # LIVE -> CATCHING_UP; a STARTING stream holds anyway
+        since = self._since.get(user_id)
+        self._since[user_id] = position if since is None else min(since, position)
+        if user_id in self._refreshing:
+            self._again.add(user_id)
+            return
+        self._refreshing.add(user_id)
+        task = self._loop.create_task(self._refresh(user_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self, user_id: str) -> None:
+        catches: dict[Subscriber, _Catch] = {}
+        first_since: int | None = None
+        try:
+            while True:
+                self._again.discard(user_id)
+                since = self._since.pop(user_id, self._hub.position)
+                first_since = since if first_since is None else min(first_since, since)
+                if not await self._pass(user_id, since, catches):
+                    return  # the streams were ended
+                if user_id not in self._again:
+                    break
+            self._release(user_id, first_since, catches)
+        except Exception:
+            log.exception("refresh user=%s failed", user_id)
+        finally:
+            self._refreshing.discard(user_id)
+            self._again.discard(user_id)
+            self._since.pop(user_id, None)
+            for sub in self._hub.streams_of(user_id):
+                if sub.state is State.CATCHING_UP:
+                    # Only reached after a failure: the client resumes by id instead.
+                    self._lifecycle.end(sub, sse.Status.ERROR, "broker_unavailable")
+
+    async def _pass(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> bool:
+        """One read of the set applied to every held stream; False if they were ended."""
+        lifecycle = self._lifecycle
+        try:
+            async with asyncio.timeout(self._settings.broker_timeout):
+                members = await self._broker.user_channels(user_id)
+        except (BrokerUnavailable, TimeoutError) as exc:
+            # Rights can't be checked: close rather than keep serving possibly revoked channels.
+            log.warning("refresh user=%s failed: %s", user_id, exc)
+            lifecycle.end_user(user_id, sse.Status.ERROR, "broker_unavailable")
+            return False
+        if members is None:
+            count = lifecycle.end_user(user_id, sse.Status.DISCONNECTED, "no_channels")
+            log.info("user=%s has no channel left: %d streams disconnected", user_id, count)
+            return False
+        channels = readable(self._settings, self._metrics, user_id, members)
+        if channels is None:
+            lifecycle.end_user(user_id, sse.Status.FAILURE, "too_many_channels")
+            return False
+        added_by: dict[Subscriber, frozenset[str]] = {}
+        for sub in self._hub.streams_of(user_id):
+            if sub.state is not State.CATCHING_UP:
+                continue  # a starting stream refreshes itself once live (see streams.py)
+            added = channels - sub.channels
+            # Removals take effect now; additions are held until the replay is in.
+            self._hub.update(sub, channels)
+            if added:
+                added_by[sub] = added
+        if not added_by:
+            return True
+        added_all = frozenset().union(*added_by.values())
+        try:
+            async with asyncio.timeout(self._settings.broker_timeout):
+                await self._broker.wait_subscribed(added_all)
+                missed = await replay.read_replay(self._broker, self._settings, added_all, since)
+                if missed.entries:
+                    await self._broker.barrier()  # as in the handshake: tell held from replayed
+        except (BrokerUnavailable, TimeoutError) as exc:
+            log.warning("refresh user=%s: subscribing failed: %s", user_id, exc)
+            lifecycle.end_user(user_id, sse.Status.ERROR, "broker_unavailable")
+            return False
+        for sub, added in added_by.items():
+            catch = catches.setdefault(sub, _Catch())
+            if missed.reset is not None:
+                catch.reset = missed.reset
+            for entry in missed.entries:
+                if entry.channel in added:
+                    catch.entries[entry.seq] = entry
+        return True
+
+    def _release(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> None:
+        """Hand each held stream its replay and held messages in order; it goes live again."""
+        epoch = self._hub.epoch
+        for sub in self._hub.streams_of(user_id):
+            if sub.state is not State.CATCHING_UP:
+                continue
+            try:
+                catch = catches.get(sub)
+                entries = sorted(catch.entries.values()) if catch is not None else []
+                messages = [
+                    message
+                    for message in replay.merge(epoch, entries, sub.held, since)
+                    if message.channel in sub.channels
+                ]
+                out: list[bytes] = []
+                if catch is not None and catch.reset is not None:
+                    self._metrics.resets += 1
+                    out.append(
+                        sse.encode_status(
+                            sub.last_id,
+                            sse.Status.RESET,
+                            json_flavour=sub.json_flavour,
+                            reason=catch.reset,
+                        )
+                    )
+                frames, last_id = replay.frames(messages, sub.last_id, sub.json_flavour)
+                self._metrics.replayed += len(entries)
+                self._hub.release(sub, out + frames, last_id)
+            except Exception:
+                log.exception("refresh user=%s: catching a stream up failed", user_id)
+                self._lifecycle.end(sub, sse.Status.ERROR, "internal_error")
+
+    async def wait_idle(self) -> None:
+        """Wait for running refreshes (used at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,78 @@
+"""Catch-up: what a stream missed, merged with what it held, in the order of the sequence.
+
+Owns reading a replay from the broker within the replay bounds, merging it
+with the messages a stream held while it started or caught up (no duplicate,
+ids never going backwards), and framing the result. Used by the handshake and
+by the rights refresh; knows nothing of either.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+
+from sisyphus.brokers.base import Broker
+from sisyphus.config import Settings
+from sisyphus.hub.subscriber import Held
+from sisyphus.protocol import sse
+from sisyphus.protocol.resume import EventId, HistoryEntry, Replay, plan_replay
+
+
+def frames(
+    messages: Iterable[Held], last_id: bytes, json_flavour: bool
+) -> tuple[list[bytes], bytes]:
+    """The SSE frames of ``messages`` for a stream at ``last_id``, and its id after them.
+
+    A plain PUBLISH (no seq) repeats the id before it: it never moves the position.
+    """
+    out = []
+    for message in messages:
+        if message.seq is not None:
+            last_id = message.event_id
+        if json_flavour:
+            out.append(sse.encode_json_message(last_id, message.channel, message.payload))
+        else:
+            out.append(sse.encode_event(last_id, message.payload))
+    return out, last_id
+
+
+async def read_replay(
+    broker: Broker, settings: Settings, channels: Iterable[str], after: int
+) -> Replay:
+    """The retained messages after ``after`` on ``channels``, or why to reset instead."""
+    limit = settings.replay_max_messages
+    histories = await broker.history(channels, after, limit + 1)
+    return plan_replay(histories, limit, settings.replay_max_bytes)
+
+
+def merge(
+    epoch: str, replayed: Sequence[HistoryEntry], held: Iterable[Held], after: int
+) -> list[Held]:
+    """Replayed and held messages as one list in sequence order, each once.
+
+    ``replayed`` is in seq order; ``held`` in arrival order (so in position order).
+    A held message already replayed, or at or before ``after`` (the client has it),
+    is dropped. A plain PUBLISH goes right after the seq it arrived behind, which
+    keeps every channel in publication order and the ids from going backwards.
+    """
+    replayed_seqs = {entry.seq for entry in replayed}
+    kept = [
+        message
+        for message in held
+        if message.seq is None or (message.seq > after and message.seq not in replayed_seqs)
+    ]
+    if not replayed:
+        return kept
+    as_held = [
+        Held(EventId(epoch, entry.seq, entry.time).encode(), entry.seq, entry.channel,
+             entry.payload, entry.seq)
+        for entry in replayed
+    ]  # fmt: skip
+    if not kept:
+        return as_held
+    return list(heapq.merge(as_held, kept, key=_order))
+
+
+def _order(message: Held) -> tuple[int, int]:
+    # A sequenced message at its seq; a plain one just after the seq it arrived behind.
+    return (message.position, 0 if message.seq is not None else 1)
