@@ -43,7 +43,7 @@ async def run(users: int, messages: int, batch: int) -> None:
         for index in range(users):
             transport = NullTransport()
             now = service.loop.time()  # fresh streams: no keep-alive falls due during the run
-            sub = Subscriber(transport, f"u{index}", b"", 1 << 20, now)  # type: ignore[arg-type]
+            sub = Subscriber(transport, f"u{index}", b"e-0-0", 1 << 20, now)  # type: ignore[arg-type]
             service.hub.add(sub, frozenset({f"inbox:{index}"}))
             sub.go_live(b"", b"e-0-0", now)
             transports.append(transport)

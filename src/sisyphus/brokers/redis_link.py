@@ -118,6 +118,8 @@ class RespProtocol(asyncio.Protocol):
         return bool(self.pending) and now - self.pending[0][1] > timeout
 
     def abort(self) -> None:
+        """Drop the connection now; it is closed for new commands from this moment."""
+        self.closed = True  # connection_lost comes a loop iteration later
         if self.transport is not None:
             self.transport.abort()
 

@@ -203,25 +203,34 @@ class Hub:
                 sub.held.append(Held(event_id, seq, channel, payload, position))
 
     def _fan_out_plain(self, listeners: set[Subscriber], channel: str, payload: bytes) -> None:
-        """A plain PUBLISH: each stream's own id, encoded once per distinct id."""
-        frames: dict[tuple[bytes, bool], bytes] = {}
+        """A plain PUBLISH: each stream's own id, the frame encoded once per distinct id."""
+        frames: dict[bytes, bytes] = {}
+        json_frames: dict[bytes, bytes] = {}
         dirty = self._dirty
         position = self._position
+        last_id = b""
+        frame = b""
         for sub in listeners:
             state = sub.state
             if state is State.LIVE:
-                key = (sub.last_id, sub.json_flavour)
-                frame = frames.get(key)
-                if frame is None:
-                    if sub.json_flavour:
-                        frame = sse.encode_json_message(sub.last_id, channel, payload)
-                    else:
-                        frame = sse.encode_event(sub.last_id, payload)
-                    frames[key] = frame
+                if sub.json_flavour:
+                    json_frame = json_frames.get(sub.last_id)
+                    if json_frame is None:
+                        json_frame = sse.encode_json_message(sub.last_id, channel, payload)
+                        json_frames[sub.last_id] = json_frame
+                    out = json_frame
+                else:
+                    if sub.last_id is not last_id:  # streams often share one id object
+                        last_id = sub.last_id
+                        cached = frames.get(last_id)
+                        if cached is None:
+                            cached = frames[last_id] = sse.encode_event(last_id, payload)
+                        frame = cached
+                    out = frame
                 pending = sub.pending
                 if not pending:
                     dirty.append(sub)
-                pending.append(frame)
+                pending.append(out)
             elif state is not State.CLOSED:
                 sub.held.append(Held(b"", None, channel, payload, position))
 

@@ -188,7 +188,8 @@ class Lifecycle:
         if sub.expires_at is None or was is State.STARTING:
             return  # not in the heap: it goes there when the stream goes live
         self._closed_in_heap += 1
-        if self._closed_in_heap > len(self._expiries) // 2 + EXPIRY_SLACK:
+        still_open = len(self._expiries) - self._closed_in_heap
+        if self._closed_in_heap > still_open + EXPIRY_SLACK:
             self._expiries = [e for e in self._expiries if e[2].state is not State.CLOSED]
             heapq.heapify(self._expiries)
             self._closed_in_heap = 0
