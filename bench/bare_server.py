@@ -11,8 +11,8 @@ own work.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
 
 import httptools
 import uvloop
@@ -43,5 +43,14 @@ async def serve(port: int) -> None:
         await server.serve_forever()
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="The least a Python server can do per SSE stream (uvloop + httptools, "
+        "a constant head and `ok` event, no Sisyphus): the floor under S4."
+    )
+    parser.add_argument("port", metavar="PORT", type=int, help="port to listen on, 127.0.0.1")
+    uvloop.run(serve(parser.parse_args().port))
+
+
 if __name__ == "__main__":
-    uvloop.run(serve(int(sys.argv[1])))
+    main()

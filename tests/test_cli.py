@@ -15,6 +15,7 @@ from tests.support.redis_server import RedisServer, free_port
 from tests.support.sse_client import SseClient, status
 
 SISYPHUS = [sys.executable, "-m", "sisyphus"]
+KEY = "k3y-of-16-chars!"
 
 
 async def run_cli(
@@ -129,13 +130,13 @@ async def test_cli_errors_are_clear_and_exit_nonzero(embedded: Served) -> None:
 
 async def test_api_key_from_environment(embedded: Served) -> None:
     """The CLI sends SISYPHUS_API_KEY; a service with a key refuses calls without it."""
-    keyed = await start_serve("--api-key", "k3y")
+    keyed = await start_serve("--api-key", KEY)
     try:
         refused = await run_cli("grant", "1", "room:1", "--url", keyed.url)
         assert refused.returncode == 1
         assert "401" in refused.stderr
         accepted = await run_cli(
-            "grant", "1", "room:1", "--url", keyed.url, env={"SISYPHUS_API_KEY": "k3y"}
+            "grant", "1", "room:1", "--url", keyed.url, env={"SISYPHUS_API_KEY": KEY}
         )
         assert accepted.returncode == 0, accepted.stderr
     finally:

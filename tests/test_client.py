@@ -10,6 +10,7 @@ import redis
 from sisyphus import client as helper
 from sisyphus.server.app import Service
 from tests.conftest import ServiceFactory
+from tests.support.redis_server import RedisServer
 from tests.support.sse_client import SseClient, status
 
 
@@ -41,7 +42,7 @@ async def test_helper_grants_publishes_and_revokes(service: Service, broker_kind
     [
         ("grant", ("1:channels", ["room:1"]), "invalid user id"),
         ("grant", ("1", []), "at least one channel"),
-        ("revoke", ("1", ["bad*"]), "invalid channel"),
+        ("revoke", ("1", ["bad name"]), "invalid channel"),
     ],
 )
 async def test_helper_refuses_invalid_names(
@@ -70,3 +71,45 @@ async def test_redis_helper_reports_an_unreachable_redis() -> None:
     with pytest.raises(helper.SisyphusClientError, match="redis"):
         publisher.publish("room:1", "x")
     assert isinstance(redis.RedisError, type)
+
+
+async def test_http_helper_refuses_bytes_that_are_not_utf8(service: Service) -> None:
+    """HttpPublisher.publish(b"\\xff...") raises SisyphusClientError, not UnicodeDecodeError."""
+    publisher = helper.HttpPublisher(f"http://127.0.0.1:{service.port}")
+    with pytest.raises(helper.SisyphusClientError, match=r"not UTF-8 text \(byte 2\)"):
+        await asyncio.to_thread(publisher.publish, "room:1", b"ok\xff\xfe")
+
+
+@pytest.mark.parametrize(
+    ("environ", "given", "ttl"),
+    [
+        ({}, {}, 3600),
+        ({"SISYPHUS_HISTORY_MAX_AGE": "90"}, {}, 90),
+        ({}, {"history_max_age": 45}, 45),
+    ],
+)
+def test_redis_helper_retains_as_the_service_is_told(
+    redis_client: redis.Redis,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    environ: dict[str, str],
+    given: dict[str, float],
+    ttl: int,
+) -> None:
+    """RedisPublisher keeps history as SISYPHUS_HISTORY_MAX_AGE says, unless given its own value."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    publisher = helper.RedisPublisher(redis_server.url, **given)
+    publisher.publish("news", "x")
+    publisher.close()
+    assert ttl - 5 < redis_client.ttl("sisyphus:history:news") <= ttl
+
+
+def test_redis_helper_reports_a_bad_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad SISYPHUS_HISTORY_SIZE or Redis URL is a SisyphusClientError naming it."""
+    monkeypatch.setenv("SISYPHUS_HISTORY_SIZE", "lots")
+    with pytest.raises(helper.SisyphusClientError, match="SISYPHUS_HISTORY_SIZE='lots'"):
+        helper.RedisPublisher("redis://127.0.0.1:1/0")
+    monkeypatch.delenv("SISYPHUS_HISTORY_SIZE")
+    with pytest.raises(helper.SisyphusClientError, match="invalid Redis URL"):
+        helper.RedisPublisher("localhost:6379")

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from sisyphus.config import OPTIONS, Option, Settings, load
+from sisyphus.config import (
+    OPTIONS,
+    PUBLISHER_OPTIONS,
+    TOKEN_OPTIONS,
+    Option,
+    Settings,
+    load,
+    option,
+    read,
+)
 from sisyphus.errors import ConfigError, SisyphusError
 
 SECRET = "s" * 32
@@ -79,7 +88,12 @@ def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> 
         ("redis_url", "redis://localhost:6379/0", "redis://localhost:6379/0"),
         ("redis_url", "", None),
         ("keepalive", "0.5", 0.5),
-        ("api_key", "key", "key"),
+        ("api_key", "k" * 16, "k" * 16),
+        ("api_key", "cl\u00e9-\u00e0-accents-\u2603\u2603", "cl\u00e9-\u00e0-accents-\u2603\u2603"),
+        ("redis_url", "rediss://:pw@cache.test:6380/2", "rediss://:pw@cache.test:6380/2"),
+        ("redis_url", "unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ("host", "localhost", "localhost"),
+        ("host", "::1", "::1"),
         ("api_key", "", None),
         ("secret", SECRET, SECRET),
         ("secret", "", None),
@@ -162,7 +176,11 @@ def test_public_key_from_a_file(tmp_path: Path) -> None:
             {},
             "--max-unsent-bytes='0' is invalid: must be > 0",
         ),
-        ({"redis_url": "x"}, {"SISYPHUS_LOG_LEVEL": "verbose"}, "SISYPHUS_LOG_LEVEL='verbose'"),
+        (
+            {"redis_url": "redis://x"},
+            {"SISYPHUS_LOG_LEVEL": "verbose"},
+            "SISYPHUS_LOG_LEVEL='verbose'",
+        ),
         (
             {"log_level": "verbose"},
             {},
@@ -290,6 +308,19 @@ def test_config_error_is_a_sisyphus_error() -> None:
             {"SISYPHUS_CORS_ORIGINS": "*,https://a.test"},
             "SISYPHUS_CORS_ORIGINS: use either * or a list of origins, not both",
         ),
+        (
+            {
+                "SISYPHUS_PREVIOUS_SECRET": SECRET,
+                "SISYPHUS_PREVIOUS_SECRET_UNTIL": "2030-01-01T00:00:00Z",
+            },
+            "SISYPHUS_PREVIOUS_SECRET is set without SISYPHUS_SECRET: the service would run in "
+            "development mode and accept no token; set SISYPHUS_SECRET to the new secret",
+        ),
+        (
+            {"SISYPHUS_PREVIOUS_SECRET": SECRET, "SISYPHUS_PUBLIC_KEY": PEM},
+            "SISYPHUS_PREVIOUS_SECRET is set without SISYPHUS_SECRET: the service would run in "
+            "development mode and accept no token; set SISYPHUS_SECRET to the new secret",
+        ),
     ],
 )
 def test_inconsistent_options_are_refused(environ: dict[str, str], message: str) -> None:
@@ -353,7 +384,7 @@ def test_previous_secret_with_its_end() -> None:
     ("environ", "development"),
     [
         ({}, True),
-        ({"SISYPHUS_API_KEY": "k"}, True),
+        ({"SISYPHUS_API_KEY": "k" * 16}, True),
         ({"SISYPHUS_SECRET": SECRET}, False),
         ({"SISYPHUS_PUBLIC_KEY": PEM}, False),
     ],
@@ -393,7 +424,7 @@ def test_every_default_loads(option: Option) -> None:
 def test_secrets_stay_out_of_the_repr() -> None:
     """The API key and token secrets never appear when settings are logged."""
     settings = load(
-        {"api_key": "the-api-key"},
+        {"api_key": "the-api-key-0123456"},
         {
             "SISYPHUS_SECRET": "current-secret-" + "x" * 20,
             "SISYPHUS_PREVIOUS_SECRET": "previous-secret-" + "y" * 20,
@@ -430,3 +461,84 @@ def test_errors_about_secrets_never_print_them(variable: str) -> None:
     message = config_error({}, {variable: "short-secret-value"})
     assert variable in message
     assert "short-secret-value" not in message
+
+
+# First-hour mistakes: one line naming the flag or variable and the value ---------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "environ", "message"),
+    [
+        (
+            {"redis_url": "notaurl"},
+            {},
+            "--redis='notaurl' is invalid: Redis URL must specify one of the following schemes "
+            "(redis://, rediss://, unix://); e.g. redis://localhost:6379/0",
+        ),
+        (
+            {},
+            {"SISYPHUS_REDIS_URL": "localhost:6379"},
+            "SISYPHUS_REDIS_URL='localhost:6379' is invalid: Redis URL must specify one of",
+        ),
+        (
+            {"redis_url": "redis://h:abc/0"},
+            {},
+            "--redis='redis://h:abc/0' is invalid: Port could not be cast to integer value",
+        ),
+        (
+            {"redis_url": "redis://h:99999/0"},
+            {},
+            "--redis='redis://h:99999/0' is invalid: Port out of range",
+        ),
+        (
+            {"redis_url": "redis://:hunter2@h:abc/0"},
+            {},
+            "--redis='redis://***@h:abc/0' is invalid: Port could not be cast",
+        ),
+        ({"host": "nohost.invalid"}, {}, "--host='nohost.invalid' is invalid: can't resolve it ("),
+        ({}, {"SISYPHUS_HOST": ""}, "SISYPHUS_HOST='' is invalid: give an address such as"),
+        (
+            {},
+            {"SISYPHUS_API_KEY": "fifteen-chars!!"},
+            "SISYPHUS_API_KEY=<hidden> is invalid: too short: an API key needs at least 16 "
+            "characters",
+        ),
+    ],
+)
+def test_first_hour_mistakes_name_the_source_and_value(
+    flags: dict[str, str | None], environ: dict[str, str], message: str
+) -> None:
+    """A malformed Redis URL, an unresolvable host or a short API key is one clear line."""
+    text = config_error(flags, environ)
+    assert text.startswith(message)
+    assert "\n" not in text
+    assert "hunter2" not in text
+
+
+def test_publishing_commands_share_the_service_options() -> None:
+    """The CLI's publish commands read the same variables, parsed the same way, as `serve`."""
+    shared = {o.name: o for o in PUBLISHER_OPTIONS + TOKEN_OPTIONS}
+    assert {o.env for o in shared.values()} == {
+        "SISYPHUS_URL",
+        "SISYPHUS_REDIS_URL",
+        "SISYPHUS_API_KEY",
+        "SISYPHUS_HISTORY_SIZE",
+        "SISYPHUS_HISTORY_MAX_AGE",
+        "SISYPHUS_SECRET",
+        "SISYPHUS_AUDIENCE",
+        "SISYPHUS_ISSUER",
+    }
+    for name, opt in shared.items():
+        if name != "url":
+            assert opt.parse is option(name).parse
+            assert opt.flag == option(name).flag
+    values = read(PUBLISHER_OPTIONS, {"history_size": "7"}, {"SISYPHUS_HISTORY_MAX_AGE": "60"})
+    assert values == {
+        "url": "http://127.0.0.1:3001",
+        "redis_url": None,
+        "api_key": None,
+        "history_size": 7,
+        "history_max_age": 60.0,
+    }
+    with pytest.raises(ConfigError, match="SISYPHUS_URL='ftp://x' is invalid: use http"):
+        read(PUBLISHER_OPTIONS, {}, {"SISYPHUS_URL": "ftp://x"})

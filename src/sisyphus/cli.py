@@ -1,50 +1,52 @@
-"""The ``sisyphus`` command: builds settings and calls the package; holds no logic."""
+"""The ``sisyphus`` command: builds settings and calls the package; holds no logic.
+
+Every option that has a ``SISYPHUS_*`` variable comes from :mod:`sisyphus.config`;
+this module spells no variable name of its own.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from sisyphus import __version__, client, config
 from sisyphus.errors import ConfigError
 
+_TARGET = (
+    "It calls the running service's HTTP API (--url), or with --redis writes straight to "
+    "the Redis the service reads, through the same script as the service, so the message is "
+    "retained for resuming streams. Prints the event id the message got."
+)
 
-def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve = sub.add_parser(
-        "serve",
-        help="run the service",
-        description="Run the service. Every flag also reads a SISYPHUS_* variable.",
-    )
-    for option in config.OPTIONS:
-        default = "none" if option.default is None else option.default
-        serve.add_argument(
+
+def _add_options(parser: argparse.ArgumentParser, options: tuple[config.Option, ...]) -> None:
+    """One flag per option, its help naming the variable and the default."""
+    for option in options:
+        parser.add_argument(
             option.flag,
             dest=option.name,
             metavar=option.metavar,
-            help=f"{option.help} (env {option.env}, default {default})".replace("%", "%%"),
+            help=f"{option.help} (env {option.env}, default {option.shown_default})".replace(
+                "%", "%%"
+            ),
         )
 
 
-def _target_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("SISYPHUS_URL", client.DEFAULT_URL),
-        help="the running service (env SISYPHUS_URL, default %(default)s)",
-    )
-    parser.add_argument(
-        "--redis",
-        metavar="URL",
-        default=None,
-        help="write straight to this Redis instead of calling the service",
-    )
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get("SISYPHUS_API_KEY"),
-        help="the service's API key (env SISYPHUS_API_KEY)",
-    )
+def _values(
+    args: argparse.Namespace, options: tuple[config.Option, ...], command: str
+) -> dict[str, Any] | None:
+    """The options' values, or ``None`` after printing the one-line error."""
+    flags = {option.name: getattr(args, option.name) for option in options}
+    try:
+        return config.read(options, flags)
+    except ConfigError as exc:
+        print(f"sisyphus {command}: {exc}", file=sys.stderr)
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,37 +55,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sisyphus {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    publish = sub.add_parser("publish", help="publish a message on a channel")
-    publish.add_argument("channel", help="e.g. room:918")
+    serve = sub.add_parser(
+        "serve",
+        help="run the service",
+        description="Run the service. Every flag also reads a SISYPHUS_* variable; "
+        "a flag wins over the variable.",
+    )
+    _add_options(serve, config.OPTIONS)
+    publish = sub.add_parser(
+        "publish",
+        help="publish a message on a channel",
+        description="Publish a message on a channel: every stream that may read the channel "
+        "receives it. " + _TARGET,
+    )
+    publish.add_argument("channel", help="the channel, e.g. room:918 or news")
     publish.add_argument("data", help="the message; '-' reads it from standard input")
-    _target_flags(publish)
+    _add_options(publish, config.PUBLISHER_OPTIONS)
+    for verb, text, description in (
+        (
+            "grant",
+            "let a user read channels",
+            "Add channels to the user's set (user:USER:channels), then publish the notice "
+            '{"rights": "granted", ...} on user:USER, so the user\'s open streams subscribe '
+            "to them at once.",
+        ),
+        (
+            "revoke",
+            "take channels away from a user",
+            "Remove channels from the user's set (user:USER:channels), then publish the "
+            'notice {"rights": "revoked", ...} on user:USER, so the user\'s open streams drop '
+            "them at once; a stream left with no channel ends with `disconnected`.",
+        ),
+    ):
+        rights = sub.add_parser(verb, help=text, description=f"{description} {_TARGET}")
+        rights.add_argument("user", help="the user id (1 to 64 of A-Z a-z 0-9 _ -)")
+        rights.add_argument(
+            "channels", nargs="+", metavar="CHANNEL", help="one or more channels, e.g. room:918"
+        )
+        _add_options(rights, config.PUBLISHER_OPTIONS)
+    position = sub.add_parser(
+        "position",
+        help="print the id of now (render it into a page; its stream resumes there)",
+        description="Print the event id of now. Render it into a page and connect with "
+        "lastEventId=<it>: the stream then replays whatever was published in between.",
+    )
+    _add_options(position, config.PUBLISHER_OPTIONS)
     token = sub.add_parser(
         "token",
         help="mint a signed user token",
-        description="Print a token that lets USER listen; sign it with SISYPHUS_SECRET.",
+        description="Print a token that lets USER listen, signed with the service's secret.",
     )
     token.add_argument("user", help="the user id (the token's `sub`)")
     token.add_argument(
         "--ttl", type=float, default=3600.0, help="seconds until it expires (default %(default)s)"
     )
     token.add_argument(
-        "--secret",
-        default=os.environ.get("SISYPHUS_SECRET"),
-        help="the HMAC secret (env SISYPHUS_SECRET)",
+        "--algorithm",
+        default="HS256",
+        choices=["HS256", "HS384", "HS512"],
+        help="the signing algorithm; the service must accept it (default %(default)s)",
     )
-    token.add_argument("--algorithm", default="HS256", choices=["HS256", "HS384", "HS512"])
-    token.add_argument("--audience", default=os.environ.get("SISYPHUS_AUDIENCE"))
-    token.add_argument("--issuer", default=os.environ.get("SISYPHUS_ISSUER"))
-    position = sub.add_parser(
-        "position", help="print the id of now (render it into a page; its stream resumes there)"
-    )
-    _target_flags(position)
-    for verb, text in (("grant", "let a user read channels"), ("revoke", "take channels away")):
-        rights = sub.add_parser(verb, help=text)
-        rights.add_argument("user", help="the user id")
-        rights.add_argument("channels", nargs="+", metavar="CHANNEL")
-        _target_flags(rights)
+    _add_options(token, config.TOKEN_OPTIONS)
     return parser
 
 
@@ -93,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token(args)
-    publisher = client.connect(url=args.url, redis_url=args.redis, api_key=args.api_key)
+    values = _values(args, config.PUBLISHER_OPTIONS, args.command)
+    if values is None:
+        return 2
+    publisher = client.connect(**values)
     try:
         if args.command == "publish":
             data = sys.stdin.read() if args.data == "-" else args.data
@@ -112,17 +147,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    if not args.secret:
-        print("sisyphus token: give --secret or set SISYPHUS_SECRET", file=sys.stderr)
+    values = _values(args, config.TOKEN_OPTIONS, "token")
+    if values is None:
+        return 2
+    secret = config.option("secret")
+    if not values["secret"]:
+        print(f"sisyphus token: give {secret.flag} or set {secret.env}", file=sys.stderr)
         return 2
     try:
         token = client.mint_token(
-            args.secret,
+            values["secret"],
             args.user,
             ttl=args.ttl,
             algorithm=args.algorithm,
-            audience=args.audience,
-            issuer=args.issuer,
+            audience=values["audience"],
+            issuer=values["issuer"],
         )
     except ValueError as exc:
         print(f"sisyphus token: {exc}", file=sys.stderr)
@@ -148,6 +187,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         run(settings)
     except OSError as exc:
-        print(f"sisyphus serve: {exc}", file=sys.stderr)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            reason = f"can't listen on {settings.host}:{settings.port}: {reason}"
+        print(f"sisyphus serve: {reason}", file=sys.stderr)
         return 1
     return 0

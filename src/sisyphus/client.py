@@ -26,8 +26,10 @@ from typing import Any, Protocol
 
 import redis
 
+from sisyphus import config
 from sisyphus.brokers.lua import EPOCH_KEY, PUBLISH_SCRIPT, SEQUENCE_KEY, publish_call
 from sisyphus.brokers.memory import new_epoch
+from sisyphus.errors import ConfigError
 from sisyphus.protocol.auth import mint_token
 from sisyphus.protocol.names import InvalidName, check_channel, check_user_id
 from sisyphus.protocol.names import user_channel as _user_channel
@@ -44,7 +46,7 @@ __all__ = [
     "mint_token",
 ]
 
-DEFAULT_URL = "http://127.0.0.1:3001"
+DEFAULT_URL = config.DEFAULT_URL
 
 
 class SisyphusClientError(Exception):
@@ -91,7 +93,10 @@ class HttpPublisher:
         if not request.full_url.startswith(("http://", "https://")):
             raise SisyphusClientError(f"unsupported URL {self._url!r}: use http:// or https://")
         if self._api_key:
-            request.add_header("Authorization", f"Bearer {self._api_key}")
+            # http.client sends header text as latin-1; going through it this way puts the
+            # key's UTF-8 bytes on the wire, exactly what curl sends for the same key.
+            header = f"Bearer {self._api_key}".encode().decode("latin-1")
+            request.add_header("Authorization", header)
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:  # noqa: S310
                 answer: dict[str, Any] = json.loads(response.read())
@@ -104,9 +109,18 @@ class HttpPublisher:
             raise SisyphusClientError(f"{route}: HTTP {exc.code}: {reason}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise SisyphusClientError(f"can't reach Sisyphus at {self._url}: {exc}") from None
+        except ValueError:
+            raise SisyphusClientError(f"{route}: the answer is not JSON") from None
 
     def publish(self, channel: str, data: str | bytes) -> str:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        try:
+            text = data.decode("utf-8") if isinstance(data, bytes) else data
+        except UnicodeDecodeError as exc:
+            # The API carries text (JSON), and a browser's EventSource reads UTF-8 only.
+            raise SisyphusClientError(
+                f"the message is not UTF-8 text (byte {exc.start}); "
+                "publish bytes through RedisPublisher, or encode them (e.g. base64)"
+            ) from None
         return str(self._post("/api/publish", {"channel": channel, "data": text})["id"])
 
     def grant(self, user_id: str, channels: Iterable[str]) -> str:
@@ -126,22 +140,36 @@ class RedisPublisher:
 
     Messages go through the same script as the service's own publish path, so
     they are retained and streams can resume them. ``history_size`` and
-    ``history_max_age`` should match the service's settings.
+    ``history_max_age`` must match the service's: left out, they are read as the
+    service reads them (``SISYPHUS_HISTORY_SIZE``, ``SISYPHUS_HISTORY_MAX_AGE``,
+    else the service's defaults).
     """
 
     def __init__(
         self,
         url: str,
         timeout: float = 5.0,
-        history_size: int = 1000,
-        history_max_age: float = 3600.0,
+        history_size: int | None = None,
+        history_max_age: float | None = None,
     ) -> None:
-        self._redis = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        flags = {
+            "history_size": None if history_size is None else str(history_size),
+            "history_max_age": None if history_max_age is None else str(history_max_age),
+        }
+        retention = (config.option("history_size"), config.option("history_max_age"))
+        try:
+            values = config.read(retention, flags)
+        except ConfigError as exc:
+            raise SisyphusClientError(str(exc)) from None
+        self._history_size: int = values["history_size"]
+        self._history_max_age: float = values["history_max_age"]
+        try:
+            self._redis = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except ValueError as exc:
+            raise SisyphusClientError(f"invalid Redis URL: {exc}") from None
         self._script = self._redis.register_script(PUBLISH_SCRIPT)
-        self._history_size = history_size
-        self._history_max_age = history_max_age
 
     def publish(self, channel: str, data: str | bytes) -> str:
         try:
@@ -189,9 +217,17 @@ class RedisPublisher:
 
 
 def connect(
-    url: str | None = None, redis_url: str | None = None, api_key: str | None = None
+    url: str | None = None,
+    redis_url: str | None = None,
+    api_key: str | None = None,
+    history_size: int | None = None,
+    history_max_age: float | None = None,
 ) -> Publisher:
-    """A publisher for ``redis_url`` if given, else for the service at ``url``."""
+    """A publisher for ``redis_url`` if given, else for the service at ``url``.
+
+    ``history_size`` and ``history_max_age`` apply with ``redis_url`` (see
+    :class:`RedisPublisher`); the service applies its own otherwise.
+    """
     if redis_url:
-        return RedisPublisher(redis_url)
+        return RedisPublisher(redis_url, history_size=history_size, history_max_age=history_max_age)
     return HttpPublisher(url or DEFAULT_URL, api_key=api_key)

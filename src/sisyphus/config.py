@@ -3,6 +3,9 @@
 The CLI flags and the ``SISYPHUS_*`` variables are both derived from
 :data:`OPTIONS`; a flag wins over the variable, which wins over the default.
 Values are validated at start-up with a message naming the variable and value.
+The CLI's publishing commands and the Python helper read the options they
+share with the service (:data:`PUBLISHER_OPTIONS`, :data:`TOKEN_OPTIONS`)
+from here too, so no other module spells a ``SISYPHUS_*`` name.
 """
 
 from __future__ import annotations
@@ -11,12 +14,18 @@ import dataclasses
 import datetime
 import math
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.connection import parse_url
+
 from sisyphus.errors import ConfigError
 from sisyphus.protocol.auth import MIN_SECRET_LENGTH
+
+DEFAULT_URL = "http://127.0.0.1:3001"
+MIN_API_KEY_LENGTH = 16
 
 
 def _positive_float(text: str) -> float:
@@ -42,6 +51,50 @@ def _port(text: str) -> int:
 
 def _optional_str(text: str) -> str | None:
     return text or None
+
+
+def _host(text: str) -> str:
+    """An address to listen on: an IP address, or a name that resolves now."""
+    if not text:
+        raise ValueError("give an address such as 127.0.0.1, 0.0.0.0 or ::")
+    try:
+        socket.getaddrinfo(text, None, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise ValueError(f"can't resolve it ({reason})") from None
+    return text
+
+
+def _redis_url(text: str) -> str | None:
+    if not text:
+        return None
+    try:
+        parse_url(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; e.g. redis://localhost:6379/0") from None
+    return text
+
+
+def _service_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text) <= len("https://"):
+        raise ValueError(f"use http:// or https://, e.g. {DEFAULT_URL}")
+    return text
+
+
+def _api_key(text: str) -> str | None:
+    if not text:
+        return None
+    if len(text) < MIN_API_KEY_LENGTH:
+        raise ValueError(f"too short: an API key needs at least {MIN_API_KEY_LENGTH} characters")
+    return text
+
+
+def _redact_password(text: str) -> str:
+    """A URL as it may be shown in a message: any password replaced by ***."""
+    scheme, sep, rest = text.partition("://")
+    if sep and "@" in rest:
+        return scheme + sep + "***@" + rest.rsplit("@", 1)[1]
+    return text
 
 
 def _non_negative_int(text: str) -> int:
@@ -141,10 +194,12 @@ def _setting(
     metavar: str,
     flag: str = "",
     secret: bool = False,
+    shown: Callable[[str], str] = repr,
 ) -> Any:
     """A settings field whose metadata tells how to read it from a flag or variable.
 
-    A ``secret`` field is left out of the settings' repr, so it never reaches a log.
+    A ``secret`` field is left out of the settings' repr, so it never reaches a log;
+    ``shown`` is how an error message quotes a bad value.
     """
     return dataclasses.field(
         default=default,
@@ -155,6 +210,7 @@ def _setting(
             "metavar": metavar,
             "flag": flag,
             "secret": secret,
+            "shown": shown,
         },
     )
 
@@ -163,22 +219,24 @@ def _setting(
 class Settings:
     """The validated settings of one service process; each field is one option."""
 
-    host: str = _setting("127.0.0.1", str, "address to listen on", "HOST")
+    host: str = _setting("127.0.0.1", _host, "address to listen on", "HOST")
     port: int = _setting(3001, _port, "port to listen on (0 picks a free one)", "PORT")
     redis_url: str | None = _setting(
         None,
-        _optional_str,
+        _redis_url,
         "Redis/Valkey URL such as redis://localhost:6379/0; without it the embedded broker runs",
         "URL",
         flag="--redis",
+        shown=lambda text: repr(_redact_password(text)),
     )
     keepalive: float = _setting(
         15.0, _positive_float, "seconds of silence before a noop", "SECONDS"
     )
     api_key: str | None = _setting(
         None,
-        _optional_str,
-        "key for the publish/grant/revoke API; without it only loopback clients may call it",
+        _api_key,
+        f"key for the publish/grant/revoke API, at least {MIN_API_KEY_LENGTH} characters; "
+        "without it only loopback clients may call it",
         "KEY",
         secret=True,
     )
@@ -353,10 +411,16 @@ class Option:
     metavar: str
     flag: str
     secret: bool
+    shown: Callable[[str], str] = repr
 
     @property
     def env(self) -> str:
         return "SISYPHUS_" + self.name.upper()
+
+    @property
+    def shown_default(self) -> str:
+        """The default as help texts show it: ``none`` for no value."""
+        return "none" if self.default in (None, ()) else str(self.default)
 
 
 OPTIONS: tuple[Option, ...] = tuple(
@@ -368,9 +432,80 @@ OPTIONS: tuple[Option, ...] = tuple(
         metavar=f.metadata["metavar"],
         flag=f.metadata["flag"] or "--" + f.name.replace("_", "-"),
         secret=f.metadata["secret"],
+        shown=f.metadata["shown"],
     )
     for f in dataclasses.fields(Settings)
 )
+
+
+def option(name: str, help: str | None = None) -> Option:
+    """The service option ``name``, with another help text where its use differs."""
+    found = next(o for o in OPTIONS if o.name == name)
+    return found if help is None else dataclasses.replace(found, help=help)
+
+
+# What `sisyphus publish|grant|revoke|position` and the Python helper read: the
+# service's own options where they mean the same thing, so retention and keys agree.
+PUBLISHER_OPTIONS: tuple[Option, ...] = (
+    Option(
+        name="url",
+        parse=_service_url,
+        default=DEFAULT_URL,
+        help="the running service to call",
+        metavar="URL",
+        flag="--url",
+        secret=False,
+    ),
+    option(
+        "redis_url",
+        "write straight to this Redis/Valkey (the one the service reads) instead of "
+        "calling the service",
+    ),
+    option("api_key", "the service's API key"),
+    option(
+        "history_size",
+        "messages retained per channel, with --redis; give the service's value",
+    ),
+    option(
+        "history_max_age",
+        "seconds a message is retained, with --redis; give the service's value",
+    ),
+)
+
+# What `sisyphus token` reads: the key and claims the service checks.
+TOKEN_OPTIONS: tuple[Option, ...] = (
+    option("secret", "the HMAC secret the service verifies tokens with"),
+    option("audience", "the `aud` claim to put in the token"),
+    option("issuer", "the `iss` claim to put in the token"),
+)
+
+
+def read(
+    options: tuple[Option, ...],
+    flags: Mapping[str, str | None],
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The values of ``options`` from ``flags`` (``None`` if not given), ``environ``, defaults.
+
+    Raises :class:`ConfigError` naming the flag or variable and the bad value.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in options:
+        raw = flags.get(opt.name)
+        source = opt.flag
+        if raw is None:
+            raw = environ.get(opt.env)
+            source = opt.env
+        if raw is None:
+            values[opt.name] = opt.default
+            continue
+        try:
+            values[opt.name] = opt.parse(raw)
+        except ValueError as exc:
+            shown = "<hidden>" if opt.secret else opt.shown(raw)  # a secret never reaches a log
+            raise ConfigError(f"{source}={shown} is invalid: {exc}") from None
+    return values
 
 
 def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None) -> Settings:
@@ -378,23 +513,7 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = No
 
     Raises :class:`ConfigError` naming the flag or variable and the bad value.
     """
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for option in OPTIONS:
-        raw = flags.get(option.name)
-        source = option.flag
-        if raw is None:
-            raw = environ.get(option.env)
-            source = option.env
-        if raw is None:
-            values[option.name] = option.default
-            continue
-        try:
-            values[option.name] = option.parse(raw)
-        except ValueError as exc:
-            shown = "<hidden>" if option.secret else repr(raw)  # a secret never reaches a log
-            raise ConfigError(f"{source}={shown} is invalid: {exc}") from None
-    settings = Settings(**values)
+    settings = Settings(**read(OPTIONS, flags, environ))
     _check_consistency(settings)
     return settings
 
@@ -417,6 +536,11 @@ def _check_consistency(settings: Settings) -> None:
     if settings.public_key and not asymmetric:
         raise ConfigError(
             "SISYPHUS_PUBLIC_KEY is set but SISYPHUS_ALGORITHMS has no RS*/PS*/ES*/EdDSA algorithm"
+        )
+    if settings.previous_secret and not settings.secret:
+        raise ConfigError(
+            "SISYPHUS_PREVIOUS_SECRET is set without SISYPHUS_SECRET: the service would run "
+            "in development mode and accept no token; set SISYPHUS_SECRET to the new secret"
         )
     if settings.previous_secret and settings.previous_secret_until is None:
         raise ConfigError("SISYPHUS_PREVIOUS_SECRET needs SISYPHUS_PREVIOUS_SECRET_UNTIL")

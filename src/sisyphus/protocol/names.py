@@ -1,7 +1,11 @@
 """User ids, channel names and the Redis key names derived from them.
 
 Validation here is what keeps one user's id from reaching another user's keys
-or channels: ids like ``1:channels``, ``*`` or ``../2`` never pass.
+or channels: ids like ``1:channels``, ``*`` or ``../2`` never pass. Channels
+are free-form (the service "doesn't care about the channels"): any name of 1 to
+256 bytes of printable ASCII without whitespace, except that a name in the
+``user:`` namespace must be exactly ``user:<valid id>``, since a message on it
+refreshes that user's rights.
 """
 
 from __future__ import annotations
@@ -9,14 +13,17 @@ from __future__ import annotations
 import re
 
 MAX_USER_ID_LENGTH = 64
-MAX_CHANNEL_LENGTH = 128
+MAX_CHANNEL_LENGTH = 256
 
 # Letters, digits, '_' and '-': no ':' (key separator), no glob or path characters.
 _USER_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_USER_ID_LENGTH}}}")
-# <singular_name>:<id>, e.g. room:918, folder:627, user:42.
-_CHANNEL = re.compile(rf"[A-Za-z][A-Za-z0-9_]{{0,62}}:[A-Za-z0-9_-]{{1,{MAX_USER_ID_LENGTH}}}")
+# Printable ASCII without whitespace: '!' (0x21) to '~' (0x7e). Channels are pub/sub
+# names, never key names: their history key is prefixed (see history_key).
+_CHANNEL = re.compile(rf"[!-~]{{1,{MAX_CHANNEL_LENGTH}}}")
 
 USER_CHANNEL_PREFIX = "user:"
+
+_CHANNEL_RULE = f"use 1 to {MAX_CHANNEL_LENGTH} printable ASCII characters without whitespace"
 
 
 class InvalidName(ValueError):
@@ -27,8 +34,22 @@ def is_valid_user_id(user_id: str) -> bool:
     return _USER_ID.fullmatch(user_id) is not None
 
 
+def channel_problem(channel: str) -> str | None:
+    """Why ``channel`` is not a channel name, or ``None`` if it is one."""
+    if not channel:
+        return "empty"
+    if len(channel) > MAX_CHANNEL_LENGTH:
+        return f"longer than {MAX_CHANNEL_LENGTH} characters"
+    if _CHANNEL.fullmatch(channel) is None:
+        return "not printable ASCII, or holds whitespace"
+    user_id = user_of_channel(channel)
+    if user_id is not None and not is_valid_user_id(user_id):
+        return "in the user: namespace but not user:<id> of a valid user id"
+    return None
+
+
 def is_valid_channel(channel: str) -> bool:
-    return len(channel) <= MAX_CHANNEL_LENGTH and _CHANNEL.fullmatch(channel) is not None
+    return channel_problem(channel) is None
 
 
 def check_user_id(user_id: str) -> str:
@@ -43,11 +64,9 @@ def check_user_id(user_id: str) -> str:
 
 def check_channel(channel: str) -> str:
     """Return ``channel`` if valid, else raise :class:`InvalidName` saying why."""
-    if not is_valid_channel(channel):
-        raise InvalidName(
-            f"invalid channel {channel[:80]!r}: expected <name>:<id> such as room:918 "
-            "(letters, digits, _ and -)"
-        )
+    problem = channel_problem(channel)
+    if problem is not None:
+        raise InvalidName(f"invalid channel {channel[:80]!r}: {problem}; {_CHANNEL_RULE}")
     return channel
 
 
