@@ -34,9 +34,7 @@ def readable(
     settings: Settings, metrics: Metrics, user_id: str, members: set[str]
 ) -> frozenset[str] | None:
     """The channels the user reads, or ``None`` (counted) past the channel limit."""
-    channels, refused = readable_channels(user_id, members)
-    if refused:
-        log.warning("user=%s: ignored invalid channel names %r", user_id, refused[:10])
+    channels, _ = readable_channels(user_id, members)  # refused names are logged there
     if len(channels) - 1 > settings.max_channels_per_user:
         metrics.limit_channels += 1
         log.warning("user=%s reads %d channels: over the limit", user_id, len(channels) - 1)
