@@ -38,8 +38,10 @@ def free_port() -> int:
 class RedisServer:
     """Start, stop and restart a private server; its data lives in a temporary folder."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
+        # With a password the server refuses every command before AUTH (--requirepass).
+        self.password = password
         self._dir = tempfile.TemporaryDirectory(prefix="sisyphus-redis-")
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -57,11 +59,12 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", self._dir.name,
                 "--protected-mode", "no",
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -72,6 +75,20 @@ class RedisServer:
                     raise RuntimeError("the test Redis server did not start") from None
                 time.sleep(0.02)
         client.close()
+
+    @property
+    def pid(self) -> int:
+        """The server's process id, for tests that freeze it (SIGSTOP) or kill it (SIGKILL)."""
+        if self._process is None:
+            raise RuntimeError("the test Redis server is not running")
+        return self._process.pid
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would; ``start()`` brings it back."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(10)
+            self._process = None
 
     def stop(self) -> None:
         if self._process is not None:
