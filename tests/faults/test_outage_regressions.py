@@ -220,6 +220,37 @@ async def test_handshake_losing_its_pubsub_link_gets_a_head_and_error(
         await proxy.close()
 
 
+async def test_a_reset_stream_gets_what_was_published_while_it_subscribed(
+    own_redis: RedisServer, make_redis_service: Callable[..., Awaitable[Service]]
+) -> None:
+    """An id from a wiped Redis gets `reset`, then every message after the new position."""
+    proxy = TcpProxy(own_redis.port)
+    await proxy.start()
+    try:
+        service = await make_redis_service(proxy.url, broker_timeout=5.0)
+        plain = redis.Redis(port=own_redis.port)
+        plain.sadd("user:anchor:channels", "room:anchor")
+        plain.sadd("user:1:channels", "room:fresh")
+        anchor = await SseClient.open(service.port, "user=anchor")
+        assert (await anchor.expect()).data == status("ok")
+        [pubsub] = plain.client_list(_type="pubsub")
+        link = proxy.link(int(pubsub["addr"].rsplit(":", 1)[1]))
+        link.freeze(to_client=False)  # the stream's SUBSCRIBE waits in the proxy
+        opening = asyncio.create_task(
+            SseClient.open(service.port, "user=1", headers={"Last-Event-ID": "zzzz-7-1"})
+        )
+        await eventually(lambda: service.hub.count_of("1") == 1, "the handshake subscribing", 5.0)
+        published = await service.broker.publish("room:fresh", b"while subscribing")
+        link.thaw()
+        client = await opening
+        assert (await client.expect()).data == status("ok")
+        assert (await client.expect()).data == status("reset")
+        message = await client.next_message()
+        assert (message.data, message.id) == ("while subscribing", published.encode().decode())
+    finally:
+        await proxy.close()
+
+
 # 6. Readiness ---------------------------------------------------------------------
 
 

@@ -29,7 +29,6 @@ from sisyphus.protocol.auth import Authenticator, AuthFailure, Identity
 from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.protocol.names import user_channel
 from sisyphus.protocol.resume import (
-    NOTHING_TO_REPLAY,
     EventId,
     InvalidEventId,
     last_event_id,
@@ -196,9 +195,9 @@ class Streams:
             # Subscribed first, then history: a message is either retained and
             # replayed, or published later and held.
             await self._broker.wait_subscribed(channels)
-            missed = NOTHING_TO_REPLAY
-            if reset is None:
-                missed = await replay.read_replay(self._broker, settings, channels, start)
+            # After a reset too: the stream goes on from the snapshot's position, and
+            # what was published while it subscribed must not fall in between.
+            missed = await replay.read_replay(self._broker, settings, channels, start)
             if missed.entries:
                 # A replayed message may also be on its way live: wait until every
                 # message published before the history read has arrived, so the
