@@ -70,7 +70,9 @@ class HttpConnection(asyncio.Protocol):
             if self._got_bytes:
                 self.transport.write(
                     http.response(
-                        HTTPStatus.REQUEST_TIMEOUT, http.error_body("request head too slow")
+                        HTTPStatus.REQUEST_TIMEOUT,
+                        http.error_body("request head too slow"),
+                        headers=self._service.cors.vary,
                     )
                 )
             self.transport.close()
@@ -101,7 +103,8 @@ class HttpConnection(asyncio.Protocol):
         self._queue.clear()
         log.info("bad request from %s: %s", self._peer, message)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(http.response(status, http.error_body(message)))
+            vary = self._service.cors.vary
+            self.transport.write(http.response(status, http.error_body(message), headers=vary))
             self.transport.close()
 
     async def _serve(self) -> None:
@@ -113,6 +116,7 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        vary = self._service.cors.vary
         answers: list[bytes] = []
         try:
             while self._queue and not transport.is_closing():
@@ -127,7 +131,7 @@ class HttpConnection(asyncio.Protocol):
                             http.response(
                                 HTTPStatus.METHOD_NOT_ALLOWED,
                                 b'{"error": "use GET"}',
-                                headers=(("Allow", "GET"),),
+                                headers=(("Allow", "GET"), *vary),
                             )
                         )
                         _close(transport, answers)
@@ -148,6 +152,7 @@ class HttpConnection(asyncio.Protocol):
                             HTTPStatus.NOT_FOUND,
                             b'{"error": "not found"}',
                             keep_alive=request.keep_alive,
+                            headers=vary,
                         )
                     )
                 if not request.keep_alive:
@@ -160,7 +165,9 @@ class HttpConnection(asyncio.Protocol):
                 self._service.metrics.bad_requests += 1
                 log.info("bad request from %s: %s", self._peer, reader.failure)
                 failure = reader.failure
-                answers.append(http.response(failure.status, http.error_body(str(failure))))
+                answers.append(
+                    http.response(failure.status, http.error_body(str(failure)), headers=vary)
+                )
                 _close(transport, answers)
                 return
             _write(transport, answers)
@@ -170,7 +177,7 @@ class HttpConnection(asyncio.Protocol):
             # The process never dies of a request: log it, answer 500 if nothing was sent.
             log.exception("request from %s failed", self._peer)
             if self.subscriber is None and not transport.is_closing():
-                answers.append(http.response(HTTPStatus.INTERNAL_SERVER_ERROR, b"{}"))
+                answers.append(http.response(HTTPStatus.INTERNAL_SERVER_ERROR, b"{}", headers=vary))
             _close(transport, answers)
         finally:
             self._task = None
