@@ -3,7 +3,8 @@
 ``/healthz`` says the process is alive and its loop answers. ``/readyz`` says a
 load balancer may send clients: the service accepts connections AND its broker
 is connected with every subscription confirmed, so a service that went deaf
-after a broker failover is not "ready".
+after a broker failover is not "ready". Each also answers ``HEAD`` (the connection
+drops the body of every answer to a ``HEAD``).
 """
 
 from __future__ import annotations
