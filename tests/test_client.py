@@ -113,3 +113,19 @@ def test_redis_helper_reports_a_bad_setting(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("SISYPHUS_HISTORY_SIZE")
     with pytest.raises(helper.SisyphusClientError, match="invalid Redis URL"):
         helper.RedisPublisher("localhost:6379")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_http_helper_works_without_a_key_by_any_loopback_name(
+    make_service: ServiceFactory, host: str
+) -> None:
+    """Without an API key, HttpPublisher on 127.0.0.1 or localhost passes the API's checks."""
+    service = await make_service()
+    publisher = helper.HttpPublisher(f"http://{host}:{service.port}")
+    await asyncio.to_thread(publisher.grant, "1", ["room:1"])
+    client = await SseClient.open(service.port, "user=1")
+    assert (await client.expect()).data == status("ok")
+    await asyncio.to_thread(publisher.publish, "room:1", "hello")
+    assert (await client.next_message()).data == "hello"
+    assert await asyncio.to_thread(publisher.position)
+    await asyncio.to_thread(publisher.revoke, "1", ["room:1"])

@@ -56,6 +56,57 @@ async def test_client_that_never_reads_is_cut_and_others_keep_receiving() -> Non
         await stop_serve(served)
 
 
+async def test_pipelining_clients_that_never_read_leave_memory_bounded() -> None:
+    """Sockets pipelining GET /metrics without reading keep the RSS bounded; others are served.
+
+    Each attacker has a small receive buffer and sends as fast as the service reads;
+    when the service cuts it (at the header timeout), it comes back. Meanwhile a normal
+    client asks /healthz every 0.1 s. The service runs as its own process.
+    """
+    served = await start_serve("--header-timeout", "1")
+    loop = asyncio.get_running_loop()
+    batch = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 100
+    done = asyncio.Event()
+    cuts = 0
+
+    async def attack() -> None:
+        nonlocal cuts
+        while not done.is_set():
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, ("127.0.0.1", served.port))
+                while not done.is_set():
+                    await loop.sock_sendall(sock, batch)
+            except OSError:
+                cuts += 1
+            finally:
+                sock.close()
+
+    async def stop_attacks() -> None:
+        done.set()
+        for task in attackers:
+            task.cancel()
+        await asyncio.gather(*attackers, return_exceptions=True)
+
+    before = process_rss(served.process.pid)
+    attackers = [loop.create_task(attack()) for _ in range(4)]
+    try:
+        peak = before
+        for _ in range(40):  # 4 s
+            answer = await asyncio.wait_for(asyncio.to_thread(http_get, served.port, "/healthz"), 2)
+            assert answer == '{"status": "alive"}'
+            peak = max(peak, process_rss(served.process.pid))
+            await asyncio.sleep(0.1)
+        await stop_attacks()
+        assert peak - before < 64 * 1024 * 1024, (before, peak)
+        assert cuts >= 4  # each attacker was cut at least once
+    finally:
+        await stop_attacks()
+        await stop_serve(served)
+
+
 def process_rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status_file:
         for line in status_file:

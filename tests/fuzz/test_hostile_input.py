@@ -29,6 +29,7 @@ def port() -> Iterator[int]:
             f"http://127.0.0.1:{service.port}/api/grant",
             data=json.dumps({"user": user, "channels": [channel]}).encode(),
             method="POST",
+            headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=5) as answer:
             assert answer.status == 200

@@ -171,6 +171,71 @@ def test_chunked_body() -> None:
         assert request.method == "POST"
 
 
+CHUNKED_BODY = b"3\r\nabc\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("coding", [b"chunked", b"Chunked", b"CHUNKED", b" chunked "])
+def test_chunked_is_accepted_in_any_case(coding: bytes) -> None:
+    """`Transfer-Encoding: chunked`, in any letter case, gives the decoded body."""
+    data = b"POST / HTTP/1.1\r\nTransfer-Encoding: " + coding + b"\r\n\r\n" + CHUNKED_BODY
+    for chunks in ([data], byte_by_byte(data)):
+        (request,) = feed_all(chunks)
+        assert request.body == b"abc"
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [
+        b"Transfer-Encoding: identity, chunked\r\n",
+        b"Transfer-Encoding: gzip, chunked\r\n",
+        b"Transfer-Encoding: chunked, chunked\r\n",
+        b"Transfer-Encoding: chunked, identity\r\n",
+        b"Transfer-Encoding: identity\r\n",
+        b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    ],
+)
+def test_transfer_codings_other_than_exactly_chunked_are_400(codings: bytes) -> None:
+    """Any Transfer-Encoding but exactly `chunked` is refused (a proxy may read it otherwise)."""
+    data = b"POST / HTTP/1.1\r\nHost: a\r\n" + codings + b"\r\n" + CHUNKED_BODY
+    for chunks in ([data], byte_by_byte(data)):
+        assert peer_error(chunks).status == HTTPStatus.BAD_REQUEST
+
+
+EXPECTING = b"POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n"
+
+
+def test_expect_100_continue_is_awaited_until_the_body_comes() -> None:
+    """After a head with `Expect: 100-continue`, the reader says the client awaits a 100."""
+    reader = RequestReader(MAX_HEAD, MAX_BODY)
+    assert reader.feed(EXPECTING) == []
+    assert reader.awaiting_continue
+    (request,) = reader.feed(b"abc")
+    assert request.body == b"abc"
+    assert not reader.awaiting_continue
+
+
+def test_expect_100_continue_with_its_body_in_the_same_read_needs_no_100() -> None:
+    """A body that came with its head is read at once: no 100 Continue is due."""
+    reader = RequestReader(MAX_HEAD, MAX_BODY)
+    assert len(reader.feed(EXPECTING + b"abc")) == 1
+    assert not reader.awaiting_continue
+
+
+def test_expect_100_continue_from_http_1_0_gets_no_100() -> None:
+    """HTTP/1.0 has no interim answers: the body is just awaited."""
+    reader = RequestReader(MAX_HEAD, MAX_BODY)
+    assert reader.feed(EXPECTING.replace(b"HTTP/1.1", b"HTTP/1.0")) == []
+    assert not reader.awaiting_continue
+
+
+def test_other_expectations_are_417() -> None:
+    """An expectation other than 100-continue gets 417 Expectation Failed."""
+    data = b"POST / HTTP/1.1\r\nExpect: 200-ok\r\nContent-Length: 3\r\n\r\nabc"
+    for chunks in ([data], byte_by_byte(data)):
+        assert peer_error(chunks).status == HTTPStatus.EXPECTATION_FAILED
+
+
 def test_leading_empty_lines_are_ignored() -> None:
     """Stray CRLFs between requests (allowed by RFC 9112) are skipped."""
     (request,) = feed_all([b"\r\n\r\n" + GET])
@@ -527,6 +592,15 @@ def test_sse_head_with_extra_headers() -> None:
 def test_response(args: tuple[object, ...], kwargs: dict[str, object], expected: bytes) -> None:
     """A plain answer has status, type, a byte-exact Content-Length and a Connection header."""
     assert http.response(*args, **kwargs) == expected  # type: ignore[arg-type]
+
+
+def test_head_only_keeps_the_head_and_its_content_length() -> None:
+    """The answer to HEAD is the GET answer's head, Content-Length included, without a body."""
+    answer = http.response(HTTPStatus.OK, b'{"status": "alive"}', keep_alive=True)
+    head = http.head_only(answer)
+    assert answer == head + b'{"status": "alive"}'
+    assert b"Content-Length: 19\r\n" in head
+    assert head.endswith(b"\r\n\r\n")
 
 
 @pytest.mark.parametrize(

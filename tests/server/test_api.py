@@ -13,7 +13,7 @@ from sisyphus.brokers.memory import MemoryBroker
 from sisyphus.metrics import Metrics
 from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.protocol.http import Request
-from sisyphus.server.api import Api
+from sisyphus.server.api import MAX_DATA_DEPTH, Api
 from sisyphus.server.app import Service
 from tests.conftest import ServiceFactory, api, grant
 from tests.support.sse_client import SseClient, status
@@ -65,7 +65,7 @@ async def test_without_key_only_loopback_may_call() -> None:
         method="POST",
         path="/api/publish",
         query={},
-        headers={},
+        headers={"host": "127.0.0.1:3001", "content-type": "application/json"},
         body=b'{"channel": "room:5", "data": "x"}',
         keep_alive=False,
         http_version="1.1",
@@ -107,7 +107,8 @@ async def test_invalid_api_bodies_get_400_naming_the_problem(
 async def test_non_json_body_gets_400(service: Service) -> None:
     """A body that isn't JSON gets 400, and the service keeps serving."""
     data = (
-        b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n"
+        b"Content-Type: application/json\r\n"
         b"Connection: close\r\n\r\nabc"
     )
     answer = await raw_request(service.port, data)
@@ -131,7 +132,8 @@ async def test_body_that_is_not_unicode_text_gets_400_and_publishes_nothing(
     client = await SseClient.open(service.port, "user=1")
     assert (await client.expect()).data == status("ok")
     head = (
-        "POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        "POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     answer = await raw_request(service.port, head.encode() + body)
@@ -145,7 +147,7 @@ async def test_oversized_body_gets_413(make_service: ServiceFactory) -> None:
     """A body over the message size limit gets 413 and is not published."""
     service = await make_service(max_message_bytes=100)
     body = json.dumps({"channel": "room:5", "data": "x" * 200}).encode()
-    head = f"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = f"POST /api/publish HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n"
     answer = await raw_request(service.port, head.encode() + body)
     assert answer.startswith(b"HTTP/1.1 413 ")
 
@@ -194,9 +196,149 @@ async def test_keep_alive_api_requests_are_answered_in_order(service: Service) -
     one = json.dumps({"user": "1", "channels": ["room:5"]}).encode()
     two = json.dumps({"user": "1", "channels": ["room:6"]}).encode()
     data = (
-        b"POST /api/grant HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-        b"POST /api/revoke HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+        b"POST /api/grant HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s"
+        b"POST /api/revoke HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
     ) % (len(one), one, len(two), two)
     answer = await raw_request(service.port, data)
     assert answer.count(b"HTTP/1.1 200 OK") == 2
     assert answer.index(b'"granted"') < answer.index(b'"revoked"')
+
+
+def nested(depth: int) -> bytes:
+    """``depth`` JSON arrays inside each other, around one string (built as text: a JSON
+    encoder would hit Python's recursion limit)."""
+    return b"[" * depth + b'"core"' + b"]" * depth
+
+
+async def test_deeply_nested_data_gets_400_and_the_limit_passes(service: Service) -> None:
+    """Data nested 1,000 arrays deep gets 400 saying so; 100 levels are published as JSON text."""
+    await grant(service.port, "1", "room:5")
+    client = await SseClient.open(service.port, "user=1")
+    assert (await client.expect()).data == status("ok")
+    body = b'{"channel": "room:5", "data": %s}' % nested(1000)
+    answer = await raw_request(service.port, api_request(body, "Content-Type: application/json"))
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert answer.endswith(b'{"error": "\\"data\\" nests deeper than %d levels"}' % MAX_DATA_DEPTH)
+    body = b'{"channel": "room:5", "data": %s}' % nested(MAX_DATA_DEPTH)
+    answer = await raw_request(service.port, api_request(body, "Content-Type: application/json"))
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert (await client.next_message()).data == nested(MAX_DATA_DEPTH).decode()
+
+
+def api_request(body: bytes, *headers: str, route: str = "/api/publish") -> bytes:
+    """A raw API request with these header lines (Host and Content-Length are added)."""
+    lines = [f"POST {route} HTTP/1.1", f"Content-Length: {len(body)}", "Connection: close"]
+    if not any(line.lower().startswith("host:") for line in headers):
+        lines.append("Host: 127.0.0.1")
+    return ("\r\n".join([*lines, *headers]) + "\r\n\r\n").encode() + body
+
+
+PUBLISH = b'{"channel": "room:5", "data": "x"}'
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonp",
+    ],
+)
+async def test_api_body_without_the_json_type_gets_415(
+    service: Service, content_type: str | None
+) -> None:
+    """A body that isn't labelled application/json (what a web form can send) gets 415."""
+    headers = [] if content_type is None else [f"Content-Type: {content_type}"]
+    answer = await raw_request(service.port, api_request(PUBLISH, *headers))
+    assert answer.startswith(b"HTTP/1.1 415 ")
+    assert b"application/json" in answer
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "Application/JSON", "application/json; charset=utf-8"]
+)
+async def test_api_accepts_the_json_type_with_parameters_in_any_case(
+    service: Service, content_type: str
+) -> None:
+    """`application/json`, in any case and with a charset, is accepted."""
+    answer = await raw_request(service.port, api_request(PUBLISH, f"Content-Type: {content_type}"))
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("origin", ["https://evil.test", "null", "http://127.0.0.1:8080"])
+async def test_api_refuses_requests_from_web_pages_of_unlisted_origins(
+    make_service: ServiceFactory, origin: str
+) -> None:
+    """An API request with an Origin outside the allow-list gets 403 and changes nothing."""
+    service = await make_service(cors_origins=("https://app.test",))
+    body = b'{"user": "1", "channels": ["room:5"]}'
+    answer = await raw_request(
+        service.port,
+        api_request(
+            body, "Content-Type: application/json", f"Origin: {origin}", route="/api/grant"
+        ),
+    )
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"origin not allowed" in answer
+    client = await SseClient.open(service.port, "user=1")
+    assert [e.data for e in await client.until_closed()] == [status("failure")]
+    answer = await raw_request(
+        service.port,
+        api_request(
+            body, "Content-Type: application/json", "Origin: https://app.test", route="/api/grant"
+        ),
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b"Access-Control-Allow-Origin: https://app.test\r\n" in answer
+
+
+async def test_api_refuses_any_origin_when_none_is_configured(service: Service) -> None:
+    """Without an allow-list, every request carrying an Origin (a web page's) gets 403."""
+    answer = await raw_request(
+        service.port,
+        api_request(PUBLISH, "Content-Type: application/json", "Origin: http://localhost:3000"),
+    )
+    assert answer.startswith(b"HTTP/1.1 403 ")
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.test", "evil.test:3001", "127.0.0.1.nip.io", "localhost.evil.test", "0.0.0.0"]
+)
+async def test_without_key_a_non_loopback_host_gets_403(service: Service, host: str) -> None:
+    """Without a key, a Host naming another site (DNS rebinding) gets 403 even from loopback."""
+    answer = await raw_request(
+        service.port, api_request(PUBLISH, "Content-Type: application/json", f"Host: {host}")
+    )
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"Host" in answer
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "LOCALHOST:3001", "127.0.0.1:3001", "127.8.9.10", "[::1]", "[::1]:3001"]
+)
+async def test_without_key_loopback_hosts_are_accepted(service: Service, host: str) -> None:
+    """Without a key, a loopback Host (any port) is accepted from a loopback peer."""
+    answer = await raw_request(
+        service.port, api_request(PUBLISH, "Content-Type: application/json", f"Host: {host}")
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_with_a_key_any_host_is_accepted(make_service: ServiceFactory) -> None:
+    """With an API key, the Host is the proxy's business: a public name is accepted."""
+    service = await make_service(api_key="s3cret")
+    answer = await raw_request(
+        service.port,
+        api_request(
+            PUBLISH,
+            "Content-Type: application/json",
+            "Host: push.example.com",
+            "Authorization: Bearer s3cret",
+        ),
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")

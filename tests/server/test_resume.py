@@ -77,6 +77,7 @@ def publish_in_thread(port: int, channel: str, count: int, stop: threading.Event
             f"http://127.0.0.1:{port}/api/publish",
             data=json.dumps({"channel": channel, "data": text}).encode(),
             method="POST",
+            headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=5) as answer:
             assert answer.status == 200
@@ -195,7 +196,8 @@ def pipelined(*calls: tuple[str, dict[str, object]]) -> bytes:
         encoded = json.dumps(body).encode()
         close = "Connection: close\r\n" if index == len(calls) - 1 else ""
         data += (
-            f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(encoded)}\r\n{close}\r\n"
+            f"POST {route} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(encoded)}\r\n{close}\r\n"
         ).encode() + encoded
     return data
 

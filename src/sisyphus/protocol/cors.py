@@ -3,7 +3,9 @@
 Origins are configured (none by default). A listed origin is echoed back with
 ``Access-Control-Allow-Credentials: true`` so cookies and Authorization work;
 ``*`` allows any origin but never with credentials, as the Fetch standard
-requires.
+requires. Once any origin is configured, every answer (streams, API, errors,
+preflights, operator endpoints) carries ``Vary: Origin``: what it holds depends
+on the request's ``Origin``, so a cache must not hand one origin's answer to another.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = "authorization, cache-control, content-type, last-event-id"
 PREFLIGHT_MAX_AGE = "600"
 
+_VARY = (("Vary", "Origin"),)
+_ANY = (("Access-Control-Allow-Origin", "*"), *_VARY)
+
 
 class CorsPolicy:
     def __init__(self, origins: tuple[str, ...]) -> None:
         self._any = "*" in origins
         self._origins = frozenset(origin.rstrip("/") for origin in origins if origin != "*")
+        # What every answer carries whatever its request: ``Vary: Origin`` once CORS is on.
+        self.vary: Headers = _VARY if self.enabled else ()
 
     @property
     def enabled(self) -> bool:
@@ -33,18 +40,18 @@ class CorsPolicy:
         return origin is not None and (self._any or origin in self._origins)
 
     def headers(self, origin: str | None) -> Headers:
-        """Headers to add to a response for a request from ``origin``."""
-        if not self.enabled or origin is None:
-            return ()
+        """Headers to add to a response for a request from ``origin`` (``None``: no Origin)."""
+        if origin is None or not self.enabled:
+            return self.vary
         if self._any:
-            return (("Access-Control-Allow-Origin", "*"),)
+            return _ANY
         if origin in self._origins:
             return (
                 ("Access-Control-Allow-Origin", origin),
                 ("Access-Control-Allow-Credentials", "true"),
-                ("Vary", "Origin"),
+                *_VARY,
             )
-        return (("Vary", "Origin"),)
+        return _VARY
 
     def preflight(self, request: http.Request) -> bytes:
         """The answer to an ``OPTIONS`` preflight request."""
@@ -54,7 +61,7 @@ class CorsPolicy:
                 HTTPStatus.FORBIDDEN,
                 b'{"error": "origin not allowed"}',
                 keep_alive=request.keep_alive,
-                headers=(("Vary", "Origin"),),
+                headers=_VARY,
             )
         return http.response(
             HTTPStatus.NO_CONTENT,

@@ -22,6 +22,9 @@ Headers = tuple[tuple[str, str], ...]
 # "OPTIONS " + " HTTP/1.1\r\n" and a little slack: what a request line holds beside its URL.
 _REQUEST_LINE_OVERHEAD = 32
 
+# The interim answer to ``Expect: 100-continue``: "send the body".
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
 
 @dataclass(slots=True)
 class Request:
@@ -86,8 +89,15 @@ class RequestReader:
         self._in_message = False
         self._began = False
         self._completed = 0
+        # The request's Transfer-Encoding and Expect values (None when absent).
+        self._codings: bytes | None = None
+        self._expect: bytes | None = None
         # Set when the peer broke HTTP after some complete requests; see feed().
         self.failure: PeerError | None = None
+        # True while a request that sent ``Expect: 100-continue`` waits for its body and
+        # no ``100 Continue`` was sent yet: the connection sends :data:`CONTINUE` once the
+        # answers before it are out, and clears this.
+        self.awaiting_continue = False
 
     def feed(self, data: bytes) -> list[Request]:
         """Parse ``data``; return the requests it completed (pipelining yields several).
@@ -151,6 +161,8 @@ class RequestReader:
         self._head_size = 0
         self._body = []
         self._body_size = 0
+        self._codings = None
+        self._expect = None
 
     def on_url(self, url: bytes) -> None:
         self._head_size += len(url)
@@ -163,10 +175,29 @@ class RequestReader:
         if self._head_size > self._max_head:
             self._too_large(url=False)
         self._headers.append((name, value))
+        # The two headers that change how the request is read: matched by length first,
+        # so other headers cost one comparison.
+        if len(name) == 17 and name.lower() == b"transfer-encoding":
+            self._codings = value if self._codings is None else self._codings + b"," + value
+        elif len(name) == 6 and name.lower() == b"expect":
+            self._expect = value
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._unfinished_head = 0
+        if self._codings is not None and self._codings.strip(b" \t").lower() != b"chunked":
+            # llhttp reads "identity, chunked" as chunked; a proxy in front may read it
+            # otherwise (request smuggling). Only the one coding we decode is accepted.
+            raise PeerError(
+                HTTPStatus.BAD_REQUEST, "Transfer-Encoding must be exactly chunked, or absent"
+            )
+        if self._expect is not None:
+            if self._expect.strip(b" \t").lower() != b"100-continue":
+                raise PeerError(
+                    HTTPStatus.EXPECTATION_FAILED, "the only supported expectation is 100-continue"
+                )
+            # HTTP/1.0 clients don't know 100 Continue (RFC 9110 §10.1.1): they get none.
+            self.awaiting_continue = self._parser.get_http_version() == "1.1"
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -179,6 +210,7 @@ class RequestReader:
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        self.awaiting_continue = False  # the body is here: no 100 Continue needed any more
         self._completed += 1
         version = self._parser.get_http_version()
         if version not in ("1.0", "1.1"):
@@ -224,6 +256,11 @@ SSE_HEAD = (
 def error_body(message: str) -> bytes:
     """The JSON body of every error answer: ``{"error": "..."}``."""
     return json.dumps({"error": message}).encode()
+
+
+def head_only(answer: bytes) -> bytes:
+    """``answer`` without its body, as a ``HEAD`` request gets it (``Content-Length`` kept)."""
+    return answer[: answer.index(b"\r\n\r\n") + 4]
 
 
 def sse_head(extra: Headers = ()) -> bytes:

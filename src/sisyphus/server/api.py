@@ -9,7 +9,12 @@ Owns request validation and the API key check. Bodies are JSON:
 and each answers with the event id the message got. ``GET /api/position``
 answers the id of "now", for a page to resume its first stream from.
 
-Without a configured key only loopback clients may call it.
+Bodies must be sent as ``Content-Type: application/json`` (415 otherwise): a web
+page can't send that type across origins without a preflight, which only listed
+origins pass. A request with an ``Origin`` outside the configured list is refused
+(403). Without a configured key only loopback clients may call it, and only with
+a loopback ``Host`` (``localhost``, ``127.x.y.z``, ``[::1]``), so that a page whose
+domain was re-pointed at 127.0.0.1 (DNS rebinding) can't reach it either.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import hmac
 import ipaddress
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -36,6 +41,8 @@ from sisyphus.protocol.rights import rights_notice
 
 ROUTES = ("/api/publish", "/api/grant", "/api/revoke", "/api/position")
 MAX_CHANNELS_PER_CALL = 1000
+# Deepest nesting of arrays and objects a published ``data`` may have (400 beyond).
+MAX_DATA_DEPTH = 100
 
 
 def _json(
@@ -53,6 +60,51 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
     except ValueError:
         return False
+
+
+@functools.lru_cache(maxsize=64)  # asked on every key-less API call; bounded for hostile Hosts
+def is_loopback_host(host: str | None) -> bool:
+    """Whether a ``Host`` header names this machine: localhost, 127.x.y.z or [::1], any port."""
+    if host is None:
+        return False
+    if host.startswith("["):
+        name, bracket, port = host[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        port, version = port[1:], 6
+    else:
+        name, _, port = host.partition(":")
+        version = 4
+    if (port and not port.isdigit()) or host.endswith(":"):
+        return False
+    if version == 4 and name.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return address.version == version and address.is_loopback
+
+
+def too_deep(value: object, limit: int) -> bool:
+    """Whether ``value`` nests arrays and objects more than ``limit`` levels deep.
+
+    Walked without recursion: a body can nest about a thousand levels before the JSON
+    parser stops it, which is deeper than Python's own recursion allows.
+    """
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def bearer_token(request: http.Request) -> str | None:
@@ -85,6 +137,11 @@ class Api:
                     HTTPStatus.FORBIDDEN,
                     "no API key is configured, so only loopback clients may use the API",
                 )
+            if not is_loopback_host(request.headers.get("host")):
+                raise ApiError(
+                    HTTPStatus.FORBIDDEN,
+                    "no API key is configured, so the Host must be localhost, 127.0.0.1 or [::1]",
+                )
             return
         given = bearer_token(request)
         # Constant-time: the comparison must not tell how much of a guess was right.
@@ -95,7 +152,8 @@ class Api:
         """Answer one API request with a complete response."""
         self._metrics.api_requests += 1
         keep = request.keep_alive
-        cors = self._cors.headers(request.headers.get("origin"))
+        origin = request.headers.get("origin")
+        cors = self._cors.headers(origin)
         method = "GET" if request.path == "/api/position" else "POST"
         if request.method != method:
             self._metrics.api_rejected += 1
@@ -107,6 +165,9 @@ class Api:
             )
         result: dict[str, Any] | bytes
         try:
+            if origin is not None and not self._cors.allows(origin):
+                # A web page's request: only configured origins may drive the API.
+                raise ApiError(HTTPStatus.FORBIDDEN, "origin not allowed")
             self._authorize(request, peer_host)
             if request.path == "/api/position":
                 result = await self._position()
@@ -133,6 +194,14 @@ class Api:
 
     @staticmethod
     def _parse(request: http.Request) -> dict[str, Any]:
+        media_type = request.headers.get("content-type", "")
+        if (
+            media_type != "application/json"
+            and media_type.partition(";")[0].strip(" \t").lower() != "application/json"
+        ):
+            raise ApiError(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the body as Content-Type: application/json"
+            )
         try:
             # orjson refuses what isn't valid Unicode (lone surrogates, bad UTF-8) with
             # the same 400: such text could not be sent to a browser as UTF-8 anyway.
@@ -152,6 +221,10 @@ class Api:
         if "data" not in body:
             raise ApiError(HTTPStatus.BAD_REQUEST, '"data" is required')
         data = body["data"]
+        if not isinstance(data, str) and too_deep(data, MAX_DATA_DEPTH):
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f'"data" nests deeper than {MAX_DATA_DEPTH} levels'
+            )
         # A string is sent as is; any other JSON value as its compact JSON text.
         text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
         try:

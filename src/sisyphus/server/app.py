@@ -120,6 +120,7 @@ class Service:
             self.metrics,
             lambda: self.accepting,
             lambda: len(self.handshakes),
+            self.cors.vary,
         )
         self.broker.bind(self.hub.dispatch, self.streams.on_broker_lost)
 

@@ -3,7 +3,8 @@
 ``/healthz`` says the process is alive and its loop answers. ``/readyz`` says a
 load balancer may send clients: the service accepts connections AND its broker
 is connected with every subscription confirmed, so a service that went deaf
-after a broker failover is not "ready".
+after a broker failover is not "ready". Each also answers ``HEAD`` (the connection
+drops the body of every answer to a ``HEAD``).
 """
 
 from __future__ import annotations
@@ -35,41 +36,50 @@ class Ops:
         metrics: Metrics,
         accepting: Callable[[], bool],
         handshakes: Callable[[], int],
+        headers: http.Headers = (),
     ) -> None:
         self._broker = broker
         self._hub = hub
         self._metrics = metrics
         self._accepting = accepting
         self._handshakes = handshakes
+        self._headers = headers  # on every answer (``Vary: Origin`` once CORS is on)
 
     def ready(self) -> bool:
         return self._accepting() and self._broker.ready
 
     def handle(self, request: http.Request) -> bytes:
         keep = request.keep_alive
+        headers = self._headers
         if request.method not in ("GET", "HEAD"):
             return http.response(
                 HTTPStatus.METHOD_NOT_ALLOWED,
                 http.error_body("use GET"),
                 keep_alive=keep,
-                headers=(("Allow", "GET, HEAD"),),
+                headers=(("Allow", "GET, HEAD"), *headers),
             )
         if request.path == "/healthz":
-            return http.response(HTTPStatus.OK, b'{"status": "alive"}', keep_alive=keep)
+            return http.response(
+                HTTPStatus.OK, b'{"status": "alive"}', keep_alive=keep, headers=headers
+            )
         if request.path == "/readyz":
             if self.ready():
-                return http.response(HTTPStatus.OK, b'{"status": "ready"}', keep_alive=keep)
+                return http.response(
+                    HTTPStatus.OK, b'{"status": "ready"}', keep_alive=keep, headers=headers
+                )
             reason = "stopping" if not self._accepting() else "broker not ready"
             return http.response(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 b'{"status": "%s"}' % reason.encode(),
                 keep_alive=keep,
+                headers=headers,
             )
         return http.response(
             HTTPStatus.OK,
             self.exposition(),
             "text/plain; version=0.0.4; charset=utf-8",
             keep_alive=keep,
+            headers=headers,
         )
 
     def exposition(self) -> bytes:
