@@ -257,11 +257,6 @@ def test_bare_server_help() -> None:
     assert "PORT" in done.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api.py compares given.encode() (UTF-8 of the latin-1-decoded header) with the "
-    "key's UTF-8: compare given.encode('latin-1') instead, then drop this mark",
-)
 async def test_non_ascii_api_key_is_accepted_by_the_service() -> None:
     """A service keyed with a non-ASCII key accepts the CLI that sends it."""
     key = "cl\u00e9-\u00e0-accents-0123"

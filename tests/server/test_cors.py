@@ -128,9 +128,6 @@ async def test_with_origins_configured_every_answer_varies_on_origin(
     assert vary == ["Origin"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="built in server/streams.py (being rewritten): pass cors.vary there"
-)
 async def test_with_origins_configured_a_refused_stream_request_varies_on_origin(
     make_service: ServiceFactory,
 ) -> None:

@@ -145,7 +145,8 @@ class Api:
             return
         given = bearer_token(request)
         # Constant-time: the comparison must not tell how much of a guess was right.
-        if given is None or not hmac.compare_digest(given.encode(), self._key):
+        # Header values are decoded as latin-1: encoding back gives the bytes that came in.
+        if given is None or not hmac.compare_digest(given.encode("latin-1"), self._key):
             raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong API key")
 
     async def handle(self, request: http.Request, peer_host: str | None) -> bytes:
@@ -174,10 +175,13 @@ class Api:
             elif request.path == "/api/publish":
                 channel, payload = self._publish_args(self._parse(request))
                 event_id = await self._broker.publish(channel, payload)
-                # Built without a JSON encoder (the busiest route): the channel and the id
-                # are validated to a character set that needs no escaping.
+                # Built without a JSON encoder (the busiest route): channels are printable
+                # ASCII and ids need no escaping; only `"` and `\\` in a channel do.
+                quoted = channel.encode("ascii")
+                if 34 in quoted or 92 in quoted:
+                    quoted = orjson.dumps(channel)[1:-1]
                 result = b'{"published": true, "channel": "%s", "id": "%s"}' % (
-                    channel.encode("ascii"),
+                    quoted,
                     event_id.encode(),
                 )
             else:

@@ -106,7 +106,9 @@ class Streams:
             claimed = last_event_id(request, self._settings.max_last_event_id_bytes)
         except InvalidEventId as exc:
             self._metrics.bad_requests += 1
-            transport.write(http.response(HTTPStatus.BAD_REQUEST, http.error_body(str(exc))))
+            cors = self._cors.headers(request.headers.get("origin"))
+            body = http.error_body(str(exc))
+            transport.write(http.response(HTTPStatus.BAD_REQUEST, body, headers=cors))
             transport.close()
             return
         # A refusal repeats the client's own position: the id it sent, or, on a first
