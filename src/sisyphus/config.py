@@ -315,16 +315,17 @@ class Settings:
     history_max_age: float = _setting(
         3600.0,
         _positive_float,
-        "seconds a message is retained; an older position gets `reset`",
+        "seconds a message is retained; a position older than that (by the broker's own "
+        "record of publish times) gets `reset`",
         "SECONDS",
     )
     replay_max_messages: int = _setting(
         1000, _positive_int, "messages one reconnect may replay; beyond, `reset`", "COUNT"
     )
     replay_max_bytes: int = _setting(
-        1024 * 1024,
+        256 * 1024,
         _positive_int,
-        "payload bytes one reconnect may replay; beyond, `reset`",
+        "wire bytes one reconnect may replay (never more than --max-unsent-bytes); beyond, `reset`",
         "BYTES",
     )
     max_connections: int = _setting(

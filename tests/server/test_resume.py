@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import urllib.request
 
 import redis
@@ -153,9 +154,19 @@ async def test_too_many_missed_messages_for_one_replay_gets_reset(
     assert (await client.expect()).data == RESET
 
 
+def age_the_timeline(service: Service, clock: dict[str, float], seconds: float) -> None:
+    """Make everything published so far `seconds` older, as the broker records it."""
+    clock["now"] += seconds  # the embedded broker's clock
+    if service.settings.redis_url:
+        client = redis.Redis.from_url(service.settings.redis_url)
+        for member, score in client.zrange("sisyphus:timeline", 0, -1, withscores=True):
+            client.zadd("sisyphus:timeline", {member: score - seconds})
+        client.close()
+
+
 async def test_foreign_or_expired_positions_get_reset(make_service: ServiceFactory) -> None:
-    """An id from another epoch, or older than the retention age, gets `reset`."""
-    clock = {"now": 2_000_000_000.0}
+    """An id from another epoch, or one that missed messages older than retention: `reset`."""
+    clock = {"now": time.time()}
     service = await make_service(history_max_age=60, wall_clock=lambda: clock["now"])
     await grant(service.port, "1", "room:1")
     client = await connect_ok(service, "1", "zzzz-1-2000000000")
@@ -165,9 +176,37 @@ async def test_foreign_or_expired_positions_get_reset(make_service: ServiceFacto
     await publish(service.port, "room:1", "seen")
     last = (await client.next_message()).id
     await client.close()
-    clock["now"] += 61
+    await publish(service.port, "room:1", "missed, then aged")
+    age_the_timeline(service, clock, 61)
     client = await connect_ok(service, "1", last)
     assert (await client.expect()).data == RESET
+    await publish(service.port, "room:1", "live")
+    assert (await client.next_message()).data == "live"
+
+
+async def test_retention_is_decided_from_the_brokers_record_not_the_ids_time(
+    make_service: ServiceFactory,
+) -> None:
+    """An old position with today's time written into it still gets `reset`."""
+    clock = {"now": time.time()}
+    service = await make_service(history_max_age=60, wall_clock=lambda: clock["now"])
+    await grant(service.port, "1", "room:1")
+    client = await connect_ok(service, "1")
+    await publish(service.port, "room:1", "seen")
+    last = (await client.next_message()).id
+    await client.close()
+    await publish(service.port, "room:1", "old")
+    age_the_timeline(service, clock, 61)
+    await publish(service.port, "room:1", "recent")
+    epoch, seq, _ = last.split("-")
+    forged = f"{epoch}-{seq}-{int(clock['now'])}"
+    client = await connect_ok(service, "1", forged)
+    assert (await client.expect()).data == RESET
+    await client.close()
+    # A position whose next message is within retention replays it, whatever its time says.
+    within = f"{epoch}-{int(seq) + 1}-1"
+    client = await connect_ok(service, "1", within)
+    assert (await client.next_message()).data == "recent"
 
 
 async def test_position_from_the_helper_closes_the_gap_before_the_first_connect(

@@ -35,10 +35,16 @@ def ignore_loss() -> None:
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """The broker's history name and the last seq it handed out."""
+    """The broker's history name, the last seq it handed out, and the retention edge.
+
+    ``oldest`` is the first seq published within the retention age (``seq + 1``
+    when nothing was): a position whose next message is older gets `reset`. It is
+    the broker's own record, never a field of a client's id.
+    """
 
     epoch: str
     seq: int
+    oldest: int = 0
 
 
 class Broker(Protocol):
@@ -87,12 +93,14 @@ class Broker(Protocol):
     async def position(self) -> Position: ...
 
     async def history(
-        self, channels: Iterable[str], after: int, limit: int
+        self, channels: Iterable[str], after: int, limit: int, max_bytes: int
     ) -> list[ChannelHistory]:
-        """Per channel, up to ``limit`` retained messages with a seq above ``after``.
+        """Per channel, the retained messages with a seq above ``after``.
 
-        A channel with nothing retained after ``after`` (and nothing trimmed) may be
-        left out of the list.
+        Bounded work: once more than ``limit`` messages, or more than ``max_bytes``
+        payload bytes, are found over all channels, reading stops and the answer is
+        :data:`~sisyphus.protocol.resume.OVER_BUDGET`. A channel with nothing
+        retained after ``after`` (and nothing trimmed) may be left out of the list.
         """
 
     async def publish(self, channel: str, payload: bytes) -> EventId:

@@ -19,6 +19,9 @@ from sisyphus.protocol.names import channels_key, history_key
 
 EPOCH_KEY = "sisyphus:epoch"
 SEQUENCE_KEY = "sisyphus:seq"
+# A sorted set: one member per second that saw a publish, the second as score and the
+# first seq published in it as member. The retention age is decided from it.
+TIMELINE_KEY = "sisyphus:timeline"
 
 # The envelope: RS (0x1e), "s1 <epoch> <seq> <time>\n", then the payload as published.
 ENVELOPE_PREFIX = b"\x1es1 "
@@ -47,13 +50,19 @@ local seq = redis.call('INCR', KEYS[2])
 local now = redis.call('TIME')[1]
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'p', ARGV[2], 't', now)
 redis.call('EXPIRE', KEYS[3], ARGV[4])
+local newest = redis.call('ZREVRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+if #newest == 0 or tonumber(newest[2]) < tonumber(now) then
+  redis.call('ZADD', KEYS[5], now, seq)
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (tonumber(now) - tonumber(ARGV[4])))
+end
 redis.call('PUBLISH', ARGV[1], '\\30s1 ' .. epoch .. ' ' .. seq .. ' ' .. now .. '\\n' .. ARGV[2])
 return {epoch, seq, tonumber(now)}
 """
 
 
-# The user's rights set and the current position, in one round trip. A rights key of
-# another type than SET reads as an unknown user (its type is returned for the log).
+# The user's rights set, the current position and the retention edge (the first seq
+# published within ARGV[2] seconds), in one round trip. A rights key of another type
+# than SET reads as an unknown user (its type is returned for the log).
 SNAPSHOT_SCRIPT = """
 local kind = redis.call('TYPE', KEYS[1])['ok']
 local members = {}
@@ -65,22 +74,30 @@ if not epoch then
   epoch = ARGV[1]
   redis.call('SET', KEYS[2], epoch)
 end
-return {kind, epoch, redis.call('GET', KEYS[3]) or '0', members}
+local seq = redis.call('GET', KEYS[3]) or '0'
+local now = tonumber(redis.call('TIME')[1])
+local first = redis.call('ZRANGEBYSCORE', KEYS[4], now - tonumber(ARGV[2]), '+inf', 'LIMIT', 0, 1)
+local oldest = first[1] or tostring(tonumber(seq) + 1)
+return {kind, epoch, seq, members, oldest}
 """
 
-# Per channel: whether messages after the position may have been trimmed, and up to
-# ARGV[2] retained entries after it. Nothing published since the position (the usual
-# case for a fresh connect) costs one GET.
+# Per channel: whether messages after the position may have been trimmed, and the
+# retained entries after it. The work is bounded over all channels: once more than
+# ARGV[2] entries or ARGV[3] payload bytes are found, it stops and answers {1}
+# (over budget); a trimmed channel stops it with {2}. Nothing published since the
+# position (the usual case for a fresh connect) costs one GET.
 HISTORY_SCRIPT = """
 local after = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local max_bytes = tonumber(ARGV[3])
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local out = {}
 if current <= after then
-  return out
+  return {}
 end
+local out = {0}
+local found = 0
+local size = 0
 for i = 2, #KEYS do
-  local trimmed = 0
-  local entries = {}
   if redis.call('EXISTS', KEYS[i]) == 1 then
     local info = redis.call('XINFO', 'STREAM', KEYS[i])
     local fields = {}
@@ -90,13 +107,22 @@ for i = 2, #KEYS do
     if fields['entries-added'] > fields['length'] and fields['first-entry'] then
       local first = tonumber(string.match(fields['first-entry'][1], '^(%d+)'))
       if after < first - 1 then
-        trimmed = 1
+        return {2}
       end
     end
-    entries = redis.call('XRANGE', KEYS[i], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])
+    local entries = redis.call(
+      'XRANGE', KEYS[i], '(' .. ARGV[1] .. '-0', '+', 'COUNT', limit - found + 1)
+    found = found + #entries
+    for j = 1, #entries do
+      size = size + #entries[j][2][2]
+    end
+    if found > limit or size > max_bytes then
+      return {1}
+    end
+    out[#out + 1] = entries
+  else
+    out[#out + 1] = {}
   end
-  out[#out + 1] = trimmed
-  out[#out + 1] = entries
 end
 return out
 """
@@ -112,7 +138,7 @@ def publish_call(
 ) -> tuple[list[str], list[str | bytes]]:
     """KEYS and ARGV for :data:`PUBLISH_SCRIPT`; ``rights`` is (SADD|SREM, user, channels)."""
     history = history_key(channel)
-    keys = [EPOCH_KEY, SEQUENCE_KEY, history, history]
+    keys = [EPOCH_KEY, SEQUENCE_KEY, history, history, TIMELINE_KEY]
     args: list[str | bytes] = [
         sequenced_channel(channel),
         payload,

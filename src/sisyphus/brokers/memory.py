@@ -9,14 +9,13 @@ epoch, so ids from before it are recognised as foreign.
 from __future__ import annotations
 
 import collections
-import itertools
 import secrets
 import time
 from collections.abc import Callable, Iterable
 
 from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
 from sisyphus.protocol.names import user_channel
-from sisyphus.protocol.resume import ChannelHistory, EventId, HistoryEntry
+from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry
 
 
 def new_epoch() -> str:
@@ -56,6 +55,9 @@ class MemoryBroker:
         self._epoch = new_epoch()
         self._epoch_bytes = self._epoch.encode()
         self._seq = 0
+        # (second, first seq published in it), one entry per second that saw a publish,
+        # for the retention age: the broker's own record of when each seq was published.
+        self._timeline: collections.deque[tuple[int, int]] = collections.deque()
         self._next_expiry = 0.0
         self._seconds = 0
         # Ordered by last publish, so expired channels are found at the front.
@@ -99,26 +101,44 @@ class MemoryBroker:
         return set(members) if members else None
 
     async def position(self) -> Position:
-        return Position(self._epoch, self._seq)
+        return Position(self._epoch, self._seq, self._oldest())
+
+    def _oldest(self) -> int:
+        """The first seq published within the retention age (``seq + 1`` if none)."""
+        cutoff = self._clock() - self._max_age
+        timeline = self._timeline
+        while timeline and timeline[0][0] < int(cutoff):
+            timeline.popleft()
+        return timeline[0][1] if timeline else self._seq + 1
 
     async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
         return await self.user_channels(user_id), await self.position()
 
     async def history(
-        self, channels: Iterable[str], after: int, limit: int
+        self, channels: Iterable[str], after: int, limit: int, max_bytes: int
     ) -> list[ChannelHistory]:
         if after >= self._seq:
             return []  # nothing was published since: the usual first connect
         self._expire()
         result = []
+        found = size = 0
         for channel in channels:
             kept = self._history.get(channel)
             if kept is None:
                 continue
-            # Entries are in seq order: walk back from the newest to the position only.
-            newer = list(itertools.takewhile(lambda e: e.seq > after, reversed(kept.entries)))
+            # Entries are in seq order: walk back from the newest to the position only,
+            # and no further than the budget over all channels.
+            newer = []
+            for entry in reversed(kept.entries):
+                if entry.seq <= after:
+                    break
+                found += 1
+                size += len(entry.payload)
+                if found > limit or size > max_bytes:
+                    return OVER_BUDGET
+                newer.append(entry)
             newer.reverse()
-            result.append(ChannelHistory(newer[:limit], trimmed=kept.trimmed_through > after))
+            result.append(ChannelHistory(newer, trimmed=kept.trimmed_through > after))
         return result
 
     def _expire(self) -> None:
@@ -139,6 +159,10 @@ class MemoryBroker:
             seconds = self._seconds  # one int object per second, shared by its entries
         else:
             self._seconds = seconds
+            timeline = self._timeline
+            timeline.append((seconds, seq))
+            while timeline[0][0] < seconds - self._max_age:
+                timeline.popleft()
         history = self._history
         kept = history.get(channel)
         if kept is None:

@@ -31,6 +31,7 @@ from sisyphus.brokers.lua import (
     SEQUENCE_KEY,
     SEQUENCED_PREFIX_BYTES,
     SNAPSHOT_SCRIPT,
+    TIMELINE_KEY,
     parse_envelope,
     publish_call,
     sequenced_channel,
@@ -45,7 +46,7 @@ from sisyphus.brokers.redis_link import (
 )
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.protocol.names import channels_key, history_key, user_channel
-from sisyphus.protocol.resume import ChannelHistory, EventId, HistoryEntry
+from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry
 
 log = logging.getLogger("sisyphus.redis")
 
@@ -368,11 +369,12 @@ class RedisBroker:
         return members
 
     async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
-        keys = [channels_key(user_id), EPOCH_KEY, SEQUENCE_KEY]
-        kind, epoch, seq, members = await self._call(
-            self._commands.script(SNAPSHOT_SCRIPT, keys, [new_epoch()])
+        keys = [channels_key(user_id), EPOCH_KEY, SEQUENCE_KEY, TIMELINE_KEY]
+        args = [new_epoch(), str(int(self._history_max_age))]
+        kind, epoch, seq, members, oldest = await self._call(
+            self._commands.script(SNAPSHOT_SCRIPT, keys, args)
         )
-        position = Position(epoch.decode(), int(seq))
+        position = Position(epoch.decode(), int(seq), int(oldest))
         if kind not in (b"set", b"none"):
             log.warning("%s is not a SET: user=%s treated as unknown", keys[0], user_id)
         # Redis deletes empty sets: a missing or empty set is an unknown user.
@@ -394,23 +396,26 @@ class RedisBroker:
         return Position(epoch.decode(), int(seq or 0))
 
     async def history(
-        self, channels: Iterable[str], after: int, limit: int
+        self, channels: Iterable[str], after: int, limit: int, max_bytes: int
     ) -> list[ChannelHistory]:
         channels = list(channels)
         keys = [SEQUENCE_KEY, *(history_key(channel) for channel in channels)]
-        reply = await self._call(self._commands.script(HISTORY_SCRIPT, keys, [after, limit]))
+        reply = await self._call(
+            self._commands.script(HISTORY_SCRIPT, keys, [after, limit, max_bytes])
+        )
         if not reply:
-            return [ChannelHistory([], trimmed=False) for _ in channels]
-        result = []
-        for index, channel in enumerate(channels):
-            trimmed, entries = reply[2 * index], reply[2 * index + 1]
-            result.append(
-                ChannelHistory(
-                    [_history_entry(channel, entry_id, fields) for entry_id, fields in entries],
-                    trimmed=bool(trimmed),
-                )
+            return []  # nothing published since the position
+        if reply[0] == 1:
+            return OVER_BUDGET
+        if reply[0] == 2:
+            return [ChannelHistory([], trimmed=True)]
+        return [
+            ChannelHistory(
+                [_history_entry(channel, entry_id, fields) for entry_id, fields in entries],
+                trimmed=False,
             )
-        return result
+            for channel, entries in zip(channels, reply[1:], strict=True)
+        ]
 
     async def publish(self, channel: str, payload: bytes) -> EventId:
         return await self._sequenced(channel, payload)

@@ -7,7 +7,10 @@ An event id is ``<epoch>-<seq>-<time>``:
   doesn't grow with the number of channels;
 * ``epoch`` names the broker's history (a random word stored with it): an id
   from a wiped Redis or a restarted embedded broker is recognised as foreign;
-* ``time`` (Unix seconds) tells whether the position is older than retention.
+* ``time`` (Unix seconds) says when it was published, for people reading ids.
+  Nothing is decided from it: a client can write any time into an id, so
+  whether a position is older than retention is decided from the broker's own
+  timeline (the first seq published within the retention age).
 
 A stream resumes from ``seq``: it gets every retained message with a larger
 seq on its channels, in order, then the live stream.
@@ -86,6 +89,12 @@ class ChannelHistory:
 
     entries: list[HistoryEntry]
     trimmed: bool
+    # More was missed than the replay bounds allow: the broker stopped reading.
+    over_budget: bool = False
+
+
+# What a broker answers when it stopped reading at the replay bounds.
+OVER_BUDGET = [ChannelHistory([], trimmed=False, over_budget=True)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,25 +109,45 @@ NOTHING_TO_REPLAY = Replay(())
 
 
 def start_position(
-    claimed: EventId | None, epoch: str, current_seq: int, now: float, max_age: float
+    claimed: EventId | None, epoch: str, current_seq: int, oldest_seq: int
 ) -> tuple[int, str | None]:
     """Where a stream starts: (seq to replay after, reset reason or None).
 
-    Without a claimed id the stream starts at the broker's current position,
-    and still replays what is published while it subscribes (no gap).
+    ``oldest_seq`` is the first seq the broker published within the retention
+    age (``current_seq + 1`` if none): a client whose next message is older than
+    that gets `reset`. Without a claimed id the stream starts at the broker's
+    current position, and still replays what is published while it subscribes.
     """
     if claimed is None:
         return current_seq, None
     if claimed.epoch != epoch or claimed.seq > current_seq:
         return current_seq, RESET_EPOCH
-    if now - claimed.time > max_age:
+    if claimed.seq < current_seq and claimed.seq + 1 < oldest_seq:
         return current_seq, RESET_RETENTION
     return claimed.seq, None
 
 
-def plan_replay(histories: Iterable[ChannelHistory], max_count: int, max_bytes: int) -> Replay:
-    """Merge per-channel histories into one replay in seq order, within the bounds."""
+def wire_size(epoch: str, entry: HistoryEntry) -> int:
+    """The bytes ``entry`` takes on the wire as a default-flavour event (exact, not built)."""
+    payload = entry.payload
+    lf, cr = payload.count(b"\n"), payload.count(b"\r")
+    breaks = lf + cr - payload.count(b"\r\n")
+    id_size = len(epoch) + len(str(entry.seq)) + len(str(entry.time)) + 2
+    # "id: <id>\n", then "data: <line>\n" per line, then the blank line.
+    return 4 + id_size + 1 + len(payload) - lf - cr + 7 * (breaks + 1) + 1
+
+
+def plan_replay(
+    histories: Iterable[ChannelHistory], epoch: str, max_count: int, max_bytes: int
+) -> Replay:
+    """Merge per-channel histories into one replay in seq order, within the bounds.
+
+    ``max_bytes`` counts wire bytes (as the default flavour frames them), so the
+    bound is what the replay costs the stream's buffer, not its payloads.
+    """
     histories = list(histories)
+    if any(history.over_budget for history in histories):
+        return Replay([], RESET_LIMIT)
     if any(history.trimmed for history in histories):
         return Replay([], RESET_RETENTION)
     with_entries = [h.entries for h in histories if h.entries]
@@ -128,6 +157,6 @@ def plan_replay(histories: Iterable[ChannelHistory], max_count: int, max_bytes: 
         merged = with_entries[0]
     else:
         merged = list(heapq.merge(*with_entries, key=lambda entry: entry.seq))
-    if len(merged) > max_count or sum(len(e.payload) for e in merged) > max_bytes:
+    if len(merged) > max_count or sum(wire_size(epoch, e) for e in merged) > max_bytes:
         return Replay([], RESET_LIMIT)
     return Replay(merged)

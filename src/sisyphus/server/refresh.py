@@ -150,7 +150,9 @@ class Refresher:
         try:
             async with asyncio.timeout(self._settings.broker_timeout):
                 await self._broker.wait_subscribed(added_all)
-                missed = await replay.read_replay(self._broker, self._settings, added_all, since)
+                missed = await replay.read_replay(
+                    self._broker, self._settings, self._hub.epoch, added_all, since
+                )
                 if missed.entries:
                     await self._broker.barrier()  # as in the handshake: tell held from replayed
         except (BrokerUnavailable, TimeoutError) as exc:

@@ -37,12 +37,17 @@ def frames(
 
 
 async def read_replay(
-    broker: Broker, settings: Settings, channels: Iterable[str], after: int
+    broker: Broker, settings: Settings, epoch: str, channels: Iterable[str], after: int
 ) -> Replay:
-    """The retained messages after ``after`` on ``channels``, or why to reset instead."""
+    """The retained messages after ``after`` on ``channels``, or why to reset instead.
+
+    The replay is the stream's first write, so it is held to the stream's unsent
+    bound too: at most ``min(--replay-max-bytes, --max-unsent-bytes)`` wire bytes.
+    """
     limit = settings.replay_max_messages
-    histories = await broker.history(channels, after, limit + 1)
-    return plan_replay(histories, limit, settings.replay_max_bytes)
+    max_bytes = min(settings.replay_max_bytes, settings.max_unsent_bytes)
+    histories = await broker.history(channels, after, limit, max_bytes)
+    return plan_replay(histories, epoch, limit, max_bytes)
 
 
 def merge(

@@ -172,9 +172,7 @@ class Streams:
                 self._refuse(attempt, sse.Status.FAILURE, "too_many_channels")
                 return None
             now = self._wall_clock()
-            start, reset = start_position(
-                claimed, position.epoch, position.seq, now, settings.history_max_age
-            )
+            start, reset = start_position(claimed, position.epoch, position.seq, position.oldest)
             if claimed is not None and reset is None:
                 ok_id = attempt.position  # resuming: the client's own id
             else:
@@ -199,7 +197,9 @@ class Streams:
             await self._broker.wait_subscribed(channels)
             # After a reset too: the stream goes on from the snapshot's position, and
             # what was published while it subscribed must not fall in between.
-            missed = await replay.read_replay(self._broker, settings, channels, start)
+            missed = await replay.read_replay(
+                self._broker, settings, position.epoch, channels, start
+            )
             if missed.entries:
                 # A replayed message may also be on its way live: wait until every
                 # message published before the history read has arrived, so the
