@@ -777,3 +777,23 @@ def test_subscriber_go_live_may_exceed_the_bound_once() -> None:
     assert sub.flush(1.0) is False
     assert transport.aborted
     assert sub.state is State.CLOSED
+
+
+def test_a_stream_that_holds_too_much_is_ended_and_the_others_go_on() -> None:
+    """Past the hold bound a starting stream is handed to on_overflow; live ones still get all."""
+    ended: list[Subscriber] = []
+    scheduled: list[Callable[[], None]] = []
+    hub = Hub(FakeSink(), scheduled.append, lambda: 0.0, Metrics(), lambda u, p: None,
+              lambda: WALL, max_held=3, on_overflow=ended.append)  # fmt: skip
+    starting = Subscriber(FakeTransport(), "1", b"ep-0-0", MAX_UNSENT, 0.0)
+    hub.add(starting, ["room:1"])
+    live_transport = FakeTransport()
+    live = Subscriber(live_transport, "2", b"ep-0-0", MAX_UNSENT, 0.0)
+    hub.add(live, ["room:1"])
+    live.go_live(b"", b"ep-0-0", 0.0)
+    for seq in range(1, 5):
+        hub.dispatch("room:1", b"m%d" % seq, seq=seq, epoch=b"ep", time=1)
+    for callback in scheduled:
+        callback()
+    assert ended == [starting]
+    assert live_transport.writes[-1].count(b"data: m") == 4

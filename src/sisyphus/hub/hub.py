@@ -39,8 +39,15 @@ class Hub:
         metrics: Metrics,
         on_user_message: Callable[[str, int], None],
         wall_clock: Callable[[], float],
+        max_held: int = 1000,
+        on_overflow: Callable[[Subscriber], None] | None = None,
     ) -> None:
         self._sink = sink
+        # A starting or catching-up stream holds at most this many messages; past it,
+        # ``on_overflow`` ends it (it resumes by id) instead of growing our memory.
+        self._max_held = max_held
+        self._on_overflow = on_overflow
+        self._overflowing: list[Subscriber] = []
         self._schedule = schedule
         self._clock = clock
         self._metrics = metrics
@@ -166,6 +173,8 @@ class Hub:
             else:
                 self._fan_out_plain(listeners, channel, payload)
             self._metrics.messages_out += len(listeners)
+            if self._overflowing:
+                self._end_overflowing()
         user_id = user_of_channel(channel)
         if user_id is not None and user_id in self._users:
             # Forward first, then refresh rights: the notice itself reaches the client.
@@ -200,7 +209,10 @@ class Hub:
             elif state is not State.CLOSED:
                 # STARTING or CATCHING_UP: held raw until the stream can write it in
                 # order with what it replays.
-                sub.held.append(Held(event_id, seq, channel, payload, position))
+                held = sub.held
+                held.append(Held(event_id, seq, channel, payload, position))
+                if len(held) > self._max_held:
+                    self._overflowing.append(sub)
 
     def _fan_out_plain(self, listeners: set[Subscriber], channel: str, payload: bytes) -> None:
         """A plain PUBLISH: each stream's own id, the frame encoded once per distinct id."""
@@ -232,7 +244,21 @@ class Hub:
                     dirty.append(sub)
                 pending.append(out)
             elif state is not State.CLOSED:
-                sub.held.append(Held(b"", None, channel, payload, position))
+                held = sub.held
+                held.append(Held(b"", None, channel, payload, position))
+                if len(held) > self._max_held:
+                    self._overflowing.append(sub)
+
+    def _end_overflowing(self) -> None:
+        """End the streams that held too much (after the fan-out: it iterates the sets)."""
+        overflowing, self._overflowing = self._overflowing, []
+        for sub in overflowing:
+            if sub.state is State.CLOSED or self._on_overflow is None:
+                continue
+            try:
+                self._on_overflow(sub)
+            except Exception:
+                log.exception("ending an overflowing stream failed user=%s", sub.user_id)
 
     def push(self, sub: Subscriber, frame: bytes) -> None:
         """Queue one frame for one subscriber (keep-alives, statuses)."""

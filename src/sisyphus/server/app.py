@@ -21,7 +21,9 @@ from sisyphus.brokers.redis import RedisBroker
 from sisyphus.config import Settings
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.hub.hub import Hub
+from sisyphus.hub.subscriber import Subscriber
 from sisyphus.metrics import Metrics
+from sisyphus.protocol import sse
 from sisyphus.protocol.auth import Authenticator, TokenVerifier, VerificationKey
 from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.server.api import Api
@@ -100,6 +102,8 @@ class Service:
             metrics=self.metrics,
             on_user_message=self._on_user_message,
             wall_clock=wall_clock,
+            max_held=settings.replay_max_messages,
+            on_overflow=self._on_overflow,
         )
         self.authenticator = make_authenticator(settings)
         self.streams = Streams(
@@ -126,6 +130,12 @@ class Service:
 
     def _on_user_message(self, user_id: str, position: int) -> None:
         self.streams.on_user_message(user_id, position)
+
+    def _on_overflow(self, sub: Subscriber) -> None:
+        # More arrived while it started or caught up than one replay may carry: the
+        # client resumes by id (or gets `reset`) instead of the process holding it all.
+        self.metrics.slow_client_cuts += 1
+        self.streams.lifecycle.end(sub, sse.Status.ERROR, "overloaded")
 
     @property
     def port(self) -> int:
