@@ -25,10 +25,12 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import redis
+import redis.sentinel
 
 from sisyphus import config
 from sisyphus.brokers.lua import EPOCH_KEY, PUBLISH_SCRIPT, SEQUENCE_KEY, publish_call
 from sisyphus.brokers.memory import new_epoch
+from sisyphus.brokers.topology import parse_broker_url
 from sisyphus.errors import ConfigError
 from sisyphus.protocol.auth import mint_token
 from sisyphus.protocol.names import InvalidName, check_channel, check_user_id
@@ -135,6 +137,27 @@ class HttpPublisher:
         return str(self._post("/api/position", None)["id"])
 
 
+def _connect_redis(url: str, timeout: float) -> redis.Redis:
+    """A redis-py client for any broker URL form (with Sentinel: the master it names)."""
+    topology = parse_broker_url(url)
+    if not topology.uses_sentinel:
+        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    # redis-py's sentinel module has no type hints.
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        list(topology.sentinels), socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+    params = topology.params
+    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        topology.master_name,
+        db=params.get("db", 0),
+        username=params.get("username"),
+        password=params.get("password"),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
+    return master
+
+
 class RedisPublisher:
     """Publish and change rights directly in the Redis that Sisyphus reads.
 
@@ -164,9 +187,7 @@ class RedisPublisher:
         self._history_size: int = values["history_size"]
         self._history_max_age: float = values["history_max_age"]
         try:
-            self._redis = redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
+            self._redis = _connect_redis(url, timeout)
         except ValueError as exc:
             raise SisyphusClientError(f"invalid Redis URL: {exc}") from None
         self._script = self._redis.register_script(PUBLISH_SCRIPT)

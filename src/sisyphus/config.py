@@ -19,8 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio.connection import parse_url
-
+from sisyphus.brokers.topology import parse_broker_url
 from sisyphus.errors import ConfigError
 from sisyphus.protocol.auth import MIN_SECRET_LENGTH
 
@@ -69,9 +68,11 @@ def _redis_url(text: str) -> str | None:
     if not text:
         return None
     try:
-        parse_url(text)
+        parse_broker_url(text)
     except ValueError as exc:
-        raise ValueError(f"{exc}; e.g. redis://localhost:6379/0") from None
+        raise ValueError(
+            f"{exc}; e.g. redis://localhost:6379/0 or redis+sentinel://HOST:PORT,HOST:PORT/NAME"
+        ) from None
     return text
 
 

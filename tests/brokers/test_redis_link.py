@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -20,6 +21,15 @@ from tests.support.redis_server import RedisServer, free_port, server_binary
 from tests.support.tcp_proxy import TcpProxy
 
 PASSWORD = "right-password"
+
+
+def fixed(params: dict[str, Any]) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """A locator that always names the same server."""
+
+    async def locate() -> dict[str, Any]:
+        return params
+
+    return locate
 
 
 @pytest.fixture
@@ -69,7 +79,7 @@ async def test_a_refused_password_leaves_no_socket_open(locked_redis: int) -> No
 async def test_a_refusing_server_is_not_hammered(locked_redis: int) -> None:
     """Calls during the backoff fail at once without a new connection; the delay grows."""
     params = dict(parse_url(f"redis://:wrong@127.0.0.1:{locked_redis}/0"))
-    link = CommandLink(params, 2.0, backoff_base=0.2, backoff_cap=5.0, rand=lambda: 0.0)
+    link = CommandLink(fixed(params), 2.0, backoff_base=0.2, backoff_cap=5.0, rand=lambda: 0.0)
     _, before = await asyncio.to_thread(connections, locked_redis)
     for _ in range(50):
         with pytest.raises((LinkError, ReplyError)):
@@ -87,7 +97,7 @@ async def test_a_link_that_stops_answering_is_aborted_and_replaced(
     proxy = TcpProxy(redis_server.port)
     await proxy.start()
     try:
-        link = CommandLink(dict(parse_url(proxy.url)), 0.3)
+        link = CommandLink(fixed(dict(parse_url(proxy.url))), 0.3)
         assert await link.call("PING") == b"PONG"
         assert link.healthy
         proxy.freeze()
@@ -109,7 +119,7 @@ async def test_a_caller_that_gives_up_first_does_not_keep_a_dead_link(
     proxy = TcpProxy(redis_server.port)
     await proxy.start()
     try:
-        link = CommandLink(dict(parse_url(proxy.url)), 0.3)
+        link = CommandLink(fixed(dict(parse_url(proxy.url))), 0.3)
         assert await link.call("PING") == b"PONG"
         proxy.freeze()
         with pytest.raises(TimeoutError):

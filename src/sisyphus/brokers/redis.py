@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
 import hiredis
-from redis.asyncio.connection import parse_url
 
 from sisyphus.brokers import backoff
 from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
@@ -44,6 +43,7 @@ from sisyphus.brokers.redis_link import (
     RespProtocol,
     open_link,
 )
+from sisyphus.brokers.topology import ask_sentinels, locate, parse_broker_url
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.protocol.names import channels_key, history_key, user_channel
 from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry
@@ -75,6 +75,7 @@ class _PubSubProtocol(RespProtocol):
         self._broker = broker
         # Set once the handshake (AUTH, PING) is done: from then on an error is fatal.
         self.established = False
+        self.address: tuple[Any, Any] = (None, None)
 
     def on_reply(self, reply: Any) -> None:
         if type(reply) is list:
@@ -132,10 +133,13 @@ class RedisBroker:
         self._timeout = timeout
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
-        self._params: dict[str, Any] = dict(parse_url(url))
+        self._topology = parse_broker_url(url)
         # The service's own commands: one pipelined hiredis connection (see redis_link.py).
-        self._commands = CommandLink(self._params, timeout, backoff_base, backoff_cap)
+        self._commands = CommandLink(self._locate, timeout, backoff_base, backoff_cap)
         self._probe: asyncio.Task[None] | None = None
+        # Sentinel only: the periodic look at which node is the master now.
+        self._master_check: asyncio.Task[None] | None = None
+        self._last_master_check = 0.0
         self._on_message: MessageHandler = drop_message
         self._on_lost: LostHandler = ignore_loss
         # The pub/sub link, once its handshake answered; None while (re)connecting.
@@ -167,7 +171,7 @@ class RedisBroker:
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._reconnect_task, self._probe):
+        for task in (self._reconnect_task, self._probe, self._master_check):
             if task is not None:
                 task.cancel()
         if self._link is not None:
@@ -202,6 +206,43 @@ class RedisBroker:
         self._commands.check(now)
         if not self._commands.healthy and self._probe is None and not self._closing:
             self._probe = asyncio.get_running_loop().create_task(self._probe_commands())
+        if (
+            self._topology.uses_sentinel
+            and self._master_check is None
+            and not self._closing
+            and now - self._last_master_check >= self._ping_interval
+        ):
+            self._last_master_check = now
+            self._master_check = asyncio.get_running_loop().create_task(self._check_master())
+
+    async def _locate(self) -> dict[str, Any]:
+        """Where to connect now (with Sentinel: the master the sentinels name)."""
+        try:
+            return await locate(self._topology, self._timeout)
+        except OSError as exc:
+            raise LinkError(str(exc)) from None
+
+    async def _check_master(self) -> None:
+        """Sentinel: if the master moved (a failover), drop the links to the old one.
+
+        A demoted master may keep its connections and even its pub/sub (replicas
+        receive published messages), so a failover is not always a lost link: the
+        sentinels' answer is the truth. Streams get `error` and come back to the new
+        master; readiness follows the reconnect.
+        """
+        try:
+            address = await ask_sentinels(self._topology, self._timeout)
+        except OSError as exc:
+            log.warning("sentinel: %s", exc)
+            return
+        finally:
+            self._master_check = None
+        link = self._link
+        if link is not None and link.address != address:
+            log.error("sentinel: the master moved to %s:%d; reconnecting", *address)
+            link.abort()
+        if self._commands.address not in ((None, None), address):
+            self._commands.close()
 
     async def _probe_commands(self) -> None:
         """Reconnect the command link in the background (its backoff paces the attempts)."""
@@ -214,11 +255,13 @@ class RedisBroker:
 
     async def _connect(self) -> None:
         try:
+            params = await self._locate()
             link = await open_link(
-                self._params, lambda: _PubSubProtocol(self), self._timeout, select_db=False
+                params, lambda: _PubSubProtocol(self), self._timeout, select_db=False
             )
         except (LinkError, ReplyError) as exc:
             raise BrokerUnavailable(str(exc)) from None
+        link.address = (params.get("host"), params.get("port"))
         if self._closing:
             link.abort()
             return
@@ -360,6 +403,9 @@ class RedisBroker:
         try:
             return await awaitable
         except ReplyError as exc:
+            if str(exc).startswith("READONLY"):
+                # The node was demoted (a failover): the next command finds the master.
+                self._commands.close()
             raise BrokerUnavailable(f"redis refused a command: {exc}") from None
         except (LinkError, OSError) as exc:
             raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None

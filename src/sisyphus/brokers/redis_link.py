@@ -21,7 +21,7 @@ import hashlib
 import logging
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import hiredis
@@ -164,8 +164,14 @@ async def open_link(
             if select_db and params.get("db"):
                 futures.append(protocol.request("SELECT", str(params["db"])))
             futures.append(protocol.request("PING"))
+            if params.get("require_master"):
+                futures.append(protocol.request("ROLE"))
             for future in futures:
                 await future
+            if params.get("require_master"):
+                role = futures[-1].result()
+                if not role or role[0] != b"master":
+                    raise LinkError(f"{params.get('host')}:{params.get('port')} is not the master")
     except ReplyError as exc:
         _discard(protocol, futures)
         raise ReplyError(f"redis refused the connection's set-up: {exc}") from None
@@ -198,13 +204,13 @@ class CommandLink:
 
     def __init__(
         self,
-        params: dict[str, Any],
+        locate: Callable[[], Awaitable[dict[str, Any]]],
         timeout: float,
         backoff_base: float = 0.1,
         backoff_cap: float = 10.0,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        self._params = params
+        self._locate = locate
         self._timeout = timeout
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
@@ -214,6 +220,8 @@ class CommandLink:
         self._failures = 0
         self._retry_at = 0.0
         self._shas: dict[str, str] = {}
+        # Where the open link goes (host, port), to tell whether a failover moved the master.
+        self.address: tuple[Any, Any] = (None, None)
 
     @property
     def healthy(self) -> bool:
@@ -237,9 +245,11 @@ class CommandLink:
             if wait > 0:
                 raise LinkError(f"redis unavailable; next attempt in {wait:.1f} s")
             try:
+                params = await self._locate()
                 self._protocol = await open_link(
-                    self._params, RespProtocol, self._timeout, select_db=True
+                    params, RespProtocol, self._timeout, select_db=True
                 )
+                self.address = (params.get("host"), params.get("port"))
             except (LinkError, ReplyError):
                 delay = backoff.delay(
                     self._failures, self._backoff_base, self._backoff_cap, self._rand
