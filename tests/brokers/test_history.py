@@ -108,3 +108,28 @@ async def test_the_retention_edge_comes_from_the_brokers_own_record(make_broker:
     _, after = await broker.snapshot("1")
     assert after.seq == 2
     assert after.oldest == 1
+
+
+def first_retained(broker: Broker, channel: str) -> int:
+    """The seq of the oldest message the broker still retains on ``channel``."""
+    if isinstance(broker, MemoryBroker):
+        return broker._history[channel].entries[0].seq
+    assert isinstance(broker, RedisBroker)
+    url = broker._url
+    info = redis.Redis.from_url(url).xinfo_stream(f"sisyphus:history:{channel}")
+    return int(info["first-entry"][0].split(b"-")[0])
+
+
+async def test_a_position_on_the_last_trimmed_message_is_not_trimmed(make_broker: Any) -> None:
+    """Channels share one sequence: a client that got a channel's last trimmed message resumes."""
+    broker = await make_broker(history_size=10)
+    for i in range(300):
+        await broker.publish("room", b"r%d" % i)
+        await broker.publish("other", b"o%d" % i)
+    first = first_retained(broker, "room")
+    # The client received `room`'s message just before the first retained one (first - 2:
+    # `other` took the seq between): nothing it lacks was trimmed.
+    histories = await broker.history(["room"], first - 2, 10_000, BIG)
+    assert not any(h.trimmed for h in histories)
+    assert next(e.seq for h in histories for e in h.entries) == first
+    assert any(h.trimmed for h in await broker.history(["room"], first - 4, 10_000, BIG))

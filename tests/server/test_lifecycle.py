@@ -115,3 +115,19 @@ def test_closed_streams_do_not_stay_in_the_expiry_heap() -> None:
     assert world.lifecycle.expire() == len(kept)
     assert all(sub.state is State.CLOSED for sub in kept)
     assert world.lifecycle.expiry_entries() == 0
+
+
+def test_streams_cut_as_slow_do_not_stay_in_the_expiry_heap() -> None:
+    """Streams with tokens cut as slow clients, then gone, leave a bounded expiry heap."""
+    world = World()
+    for _ in range(5_000):
+        sub = world.stream(State.LIVE, expires_at=world.wall + 3600)
+        transport = sub.transport
+        assert isinstance(transport, FakeTransport)
+        transport.buffer_size = 1 << 30  # it reads nothing
+        world.hub.push(sub, b"data: x\n\n")
+        world.hub.flush()
+        assert sub.state is State.CLOSED
+        world.lifecycle.detach(sub)
+    assert world.lifecycle.expiry_entries() <= EXPIRY_SLACK + 1
+    assert world.metrics.slow_client_cuts == world.metrics.connections_closed == 5_000

@@ -48,7 +48,13 @@ if ARGV[6] ~= '' then
 end
 local seq = redis.call('INCR', KEYS[2])
 local now = redis.call('TIME')[1]
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'p', ARGV[2], 't', now)
+local newest_here = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+local before = '0'
+if #newest_here > 0 then
+  before = string.match(newest_here[1][1], '^(%d+)')
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-0',
+  'p', ARGV[2], 't', now, 'v', before)
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 local newest = redis.call('ZREVRANGE', KEYS[5], 0, 0, 'WITHSCORES')
 if #newest == 0 or tonumber(newest[2]) < tonumber(now) then
@@ -81,8 +87,9 @@ local oldest = first[1] or tostring(tonumber(seq) + 1)
 return {kind, epoch, seq, members, oldest}
 """
 
-# Per channel: whether messages after the position may have been trimmed, and the
-# retained entries after it. The work is bounded over all channels: once more than
+# Per channel: whether a message after the position was trimmed (the first retained
+# entry's `v` names the one before it on the same channel), and the retained entries
+# after it. The work is bounded over all channels: once more than
 # ARGV[2] entries or ARGV[3] payload bytes are found, it stops and answers {1}
 # (over budget); a trimmed channel stops it with {2}. Nothing published since the
 # position (the usual case for a fresh connect) costs one GET.
@@ -105,8 +112,19 @@ for i = 2, #KEYS do
       fields[info[j]] = info[j + 1]
     end
     if fields['entries-added'] > fields['length'] and fields['first-entry'] then
-      local first = tonumber(string.match(fields['first-entry'][1], '^(%d+)'))
-      if after < first - 1 then
+      -- The message before the first retained one on this channel was trimmed: its
+      -- seq is kept in the first one's 'v' (the sequence is global, so first - 1 is not).
+      local first = fields['first-entry']
+      local before = nil
+      for j = 1, #first[2], 2 do
+        if first[2][j] == 'v' then
+          before = tonumber(first[2][j + 1])
+        end
+      end
+      if before == nil then
+        before = tonumber(string.match(first[1], '^(%d+)')) - 1
+      end
+      if after < before then
         return {2}
       end
     end

@@ -204,6 +204,7 @@ class RedisBroker:
                 self._last_ping = now
                 link.request("PING").add_done_callback(_retrieve)
         self._commands.check(now)
+        self._commands.ping(now, self._ping_interval)
         if not self._commands.healthy and self._probe is None and not self._closing:
             self._probe = asyncio.get_running_loop().create_task(self._probe_commands())
         if (
@@ -262,9 +263,11 @@ class RedisBroker:
         except (LinkError, ReplyError) as exc:
             raise BrokerUnavailable(str(exc)) from None
         link.address = (params.get("host"), params.get("port"))
-        if self._closing:
+        if self._closing or link.closed:
             link.abort()
-            return
+            if self._closing:
+                return
+            raise BrokerUnavailable("redis pub/sub connection lost during its set-up")
         self._failures = 0  # AUTH and PING answered: a real round trip
         link.established = True
         self._link = link

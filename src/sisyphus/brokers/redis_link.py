@@ -195,6 +195,12 @@ def _discard(protocol: RespProtocol | None, futures: list[asyncio.Future[Any]]) 
             future.cancel()
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """A health PING's outcome shows in the link's state: mark it read, whatever it was."""
+    if not future.cancelled():
+        future.exception()
+
+
 class CommandLink:
     """``await link.call("GET", "key")``; ``await link.script(body, keys, args)``.
 
@@ -222,6 +228,7 @@ class CommandLink:
         self._shas: dict[str, str] = {}
         # Where the open link goes (host, port), to tell whether a failover moved the master.
         self.address: tuple[Any, Any] = (None, None)
+        self._last_ping = 0.0
 
     @property
     def healthy(self) -> bool:
@@ -274,6 +281,15 @@ class CommandLink:
         except TimeoutError:
             protocol.abort()
             raise LinkError(f"redis did not answer in {self._timeout} s") from None
+
+    def ping(self, now: float, interval: float) -> None:
+        """From the periodic tick: PING an idle link, so a dead one shows (no await)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed or protocol.pending:
+            return
+        if now - self._last_ping >= interval:
+            self._last_ping = now
+            protocol.request("PING").add_done_callback(_retrieve)
 
     def check(self, now: float) -> None:
         """From the periodic tick: abort the link if a command waits past the timeout.

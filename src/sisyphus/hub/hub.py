@@ -57,16 +57,23 @@ class Hub:
         self._stream_count = 0
         self._dirty: list[Subscriber] = []
         self._wall_clock = wall_clock
-        # The broker's epoch and the highest seq this process has seen from it.
+        # The broker's epoch and the highest seq this process knows of (snapshots
+        # included), and the highest seq delivered over the pub/sub link.
         self._epoch = b"0"
         self._position = 0
+        self._delivered = 0
+        # The highest start position of a live stream: a sequenced message at or below
+        # it may be older than some stream's start (the pub/sub link lags the commands).
+        self._max_floor = 0
 
     # Positions ---------------------------------------------------------------
     def set_position(self, epoch: str, seq: int) -> None:
         """Adopt the broker's epoch and position (at start, and after a reconnect)."""
         epoch_bytes = epoch.encode("ascii")
-        if epoch_bytes != self._epoch or seq > self._position:
+        if epoch_bytes != self._epoch:
             self._epoch = epoch_bytes
+            self._position = self._delivered = seq
+        elif seq > self._position:
             self._position = seq
 
     @property
@@ -76,6 +83,17 @@ class Hub:
     @property
     def position(self) -> int:
         return self._position
+
+    @property
+    def delivered(self) -> int:
+        """The highest seq that arrived over the pub/sub link (a plain PUBLISH came after it)."""
+        return self._delivered
+
+    def set_floor(self, sub: Subscriber, seq: int) -> None:
+        """A live stream starts after ``seq``: later-arriving messages at or below it are old."""
+        sub.floor = seq
+        if seq > self._max_floor:
+            self._max_floor = seq
 
     def current_id(self) -> bytes:
         """The id of "now": every message this process has seen is at or before it."""
@@ -160,9 +178,15 @@ class Hub:
         holds, so nothing a plain PUBLISH carries can move a client's position.
         """
         self._metrics.messages_in += 1
-        if seq is not None and epoch is not None and (seq > self._position or epoch != self._epoch):
-            self._epoch = epoch
-            self._position = seq
+        if seq is not None and epoch is not None:
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._position = self._delivered = seq
+            else:
+                if seq > self._position:
+                    self._position = seq
+                if seq > self._delivered:
+                    self._delivered = seq
         listeners = self._channels.get(channel)
         if listeners:
             dirty = self._dirty
@@ -179,7 +203,7 @@ class Hub:
         if user_id is not None and user_id in self._users:
             # Forward first, then refresh rights: the notice itself reaches the client.
             try:
-                self._on_user_message(user_id, self._position)
+                self._on_user_message(user_id, seq if seq is not None else self._delivered)
             except Exception:
                 # The refresh's trouble is its own: delivery to everyone else goes on.
                 log.exception("rights refresh failed to start user=%s", user_id)
@@ -192,10 +216,12 @@ class Hub:
         frame = sse.encode_event(event_id, payload)
         json_frame = None  # encoded once, only if a JSON-flavour stream listens
         dirty = self._dirty
-        position = self._position
+        maybe_old = seq <= self._max_floor
         for sub in listeners:
             state = sub.state
             if state is State.LIVE:
+                if maybe_old and seq <= sub.floor:
+                    continue  # published before this stream's start: never backwards
                 sub.last_id = event_id
                 pending = sub.pending
                 if not pending:
@@ -210,7 +236,7 @@ class Hub:
                 # STARTING or CATCHING_UP: held raw until the stream can write it in
                 # order with what it replays.
                 held = sub.held
-                held.append(Held(event_id, seq, channel, payload, position))
+                held.append(Held(event_id, seq, channel, payload, seq))
                 if len(held) > self._max_held:
                     self._overflowing.append(sub)
 
@@ -219,7 +245,7 @@ class Hub:
         frames: dict[bytes, bytes] = {}
         json_frames: dict[bytes, bytes] = {}
         dirty = self._dirty
-        position = self._position
+        position = self._delivered
         last_id = b""
         frame = b""
         for sub in listeners:
@@ -266,7 +292,7 @@ class Hub:
             return
         if not self._dirty:
             self._schedule(self.flush)
-        if not sub.pending and sub.state is State.LIVE:
+        if not sub.pending and sub.state in (State.LIVE, State.CATCHING_UP):
             self._dirty.append(sub)
         sub.pending.append(frame)
 
@@ -274,11 +300,20 @@ class Hub:
         """Start holding a live stream's messages (a rights refresh adds channels)."""
         return sub.move(State.CATCHING_UP)
 
-    def release(self, sub: Subscriber, frames: list[bytes], last_id: bytes) -> None:
-        """Go live again: queue ``frames`` after what was pending, then stream as usual."""
-        if not sub.move(State.LIVE):
+    def release(
+        self, sub: Subscriber, frames: list[bytes], last_id: bytes, keep: list[Held] | None = None
+    ) -> None:
+        """Queue ``frames`` after what was pending; go live again unless ``keep`` is given.
+
+        ``keep`` (possibly empty) is what arrived after the next rights notice: the
+        stream stays held, ``keep`` in order, for the next refresh pass, while
+        ``frames`` are written now.
+        """
+        if sub.state is not State.CATCHING_UP:
             return
-        sub.held = []
+        if keep is None:
+            sub.move(State.LIVE)
+        sub.held = keep or []
         sub.last_id = last_id
         sub.pending.extend(frames)
         if sub.pending:
@@ -294,6 +329,7 @@ class Hub:
             try:
                 if not sub.flush(now):
                     self._metrics.slow_client_cuts += 1
+                    self._metrics.connections_closed += 1
                     log.info("slow client cut user=%s", sub.user_id)
             except Exception:
                 # One broken connection must never stop delivery to the others.

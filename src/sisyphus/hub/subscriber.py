@@ -39,6 +39,7 @@ class Subscriber:
     __slots__ = (
         "channels",
         "expires_at",
+        "floor",
         "head",
         "held",
         "json_flavour",
@@ -84,6 +85,9 @@ class Subscriber:
         self.last_write = now
         self.max_unsent = max_unsent
         self.state = State.STARTING
+        # The seq the stream started after: a sequenced message at or below it that
+        # arrives once live (the pub/sub link lagging) was before its start.
+        self.floor = 0
 
     def move(self, target: State) -> bool:
         """Move to ``target`` if the state table allows it; return whether it moved."""
@@ -95,8 +99,9 @@ class Subscriber:
     def flush(self, now: float) -> bool:
         """Write the pending frames in one call; return False if the stream was cut as slow."""
         pending = self.pending
-        if not pending or self.state is not State.LIVE:
-            return True
+        state = self.state
+        if not pending or (state is not State.LIVE and state is not State.CATCHING_UP):
+            return True  # a starting stream writes with its head; a closed one not at all
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
         transport = self.transport

@@ -44,9 +44,9 @@ class Lifecycle:
         self._metrics = metrics
         self._wall_clock = wall_clock
         # (expiry, tie-breaker, stream). Closed streams are dropped lazily, and the heap
-        # is rebuilt once they outnumber the open ones, so memory follows open streams.
+        # is rebuilt once it holds more than twice the open streams (however they
+        # closed: ended, gone, or cut as slow), so memory follows open streams.
         self._expiries: list[tuple[float, int, Subscriber]] = []
-        self._closed_in_heap = 0
         self._tie = itertools.count()
 
     # Statuses ----------------------------------------------------------------
@@ -98,7 +98,7 @@ class Lifecycle:
         except Exception:
             log.exception("unsubscribing an ending stream failed user=%s", sub.user_id)
             sub.move(State.CLOSED)
-        self._forget_expiry(sub, was)
+        self._compact_expiries()
         self.count(status)
         try:
             frame = sse.encode_status(
@@ -128,11 +128,10 @@ class Lifecycle:
         """The client went away."""
         if sub.state in (State.LIVE, State.CATCHING_UP):
             self._metrics.connections_closed += 1
-        if sub.state is not State.CLOSED:
-            self._forget_expiry(sub, sub.state)
         self._hub.remove(sub)
         sub.held = []
         sub.pending.clear()
+        self._compact_expiries()
 
     def close(self, sub: Subscriber, farewell: bytes = b"", abort: bool = False) -> None:
         """Close without a status (shutdown): ``farewell`` after what is pending, then close."""
@@ -143,7 +142,7 @@ class Lifecycle:
             self._metrics.connections_closed += 1
         try:
             self._hub.remove(sub)
-            self._forget_expiry(sub, was)
+            self._compact_expiries()
             data = b"" if was is State.STARTING else b"".join(sub.pending) + farewell
             sub.pending.clear()
             sub.held = []
@@ -179,20 +178,17 @@ class Lifecycle:
         """Remember to end ``sub`` when its token expires."""
         if sub.expires_at is not None:
             heapq.heappush(self._expiries, (sub.expires_at, next(self._tie), sub))
+            self._compact_expiries()
 
     def expiry_entries(self) -> int:
         """How many streams the expiry heap holds (open ones plus a bounded slack)."""
         return len(self._expiries)
 
-    def _forget_expiry(self, sub: Subscriber, was: State) -> None:
-        if sub.expires_at is None or was is State.STARTING:
-            return  # not in the heap: it goes there when the stream goes live
-        self._closed_in_heap += 1
-        still_open = len(self._expiries) - self._closed_in_heap
-        if self._closed_in_heap > still_open + EXPIRY_SLACK:
+    def _compact_expiries(self) -> None:
+        """Rebuild the heap without closed streams once they could outnumber the open ones."""
+        if len(self._expiries) > 2 * self._hub.stream_count() + EXPIRY_SLACK:
             self._expiries = [e for e in self._expiries if e[2].state is not State.CLOSED]
             heapq.heapify(self._expiries)
-            self._closed_in_heap = 0
 
     def expire(self) -> int:
         """End the streams whose token has expired; return how many."""
@@ -201,9 +197,8 @@ class Lifecycle:
         while self._expiries and self._expiries[0][0] <= now:
             _, _, sub = heapq.heappop(self._expiries)
             if sub.state is not State.CLOSED:
-                self.end(sub, sse.Status.FAILURE, "expired")  # counts it as closed in the heap
+                self.end(sub, sse.Status.FAILURE, "expired")
                 expired += 1
-            self._closed_in_heap = max(0, self._closed_in_heap - 1)  # it left the heap
         self._metrics.tokens_expired += expired
         return expired
 

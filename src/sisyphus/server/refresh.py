@@ -5,8 +5,9 @@ set, dropping removed channels at once, subscribing added ones and replaying
 what was published on them since the notice, then handing each stream its
 replay and its held messages in sequence order. Each stream is diffed against
 its OWN channels, so two tabs of one user each get their new channels' first
-messages. A burst of notices for one user causes one refresh plus at most one
-more pass; the streams stay held until the last pass is done.
+messages. A burst of notices for one user runs one refresh task; each pass
+releases what was held up to the latest notice, so steady traffic on
+``user:<id>`` delays messages by about one read of the set, never indefinitely.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sisyphus.hub.states import State
 from sisyphus.hub.subscriber import Subscriber
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import sse
+from sisyphus.protocol.names import user_channel
 from sisyphus.protocol.resume import HistoryEntry
 from sisyphus.protocol.rights import readable_channels
 from sisyphus.server import replay
@@ -93,18 +95,16 @@ class Refresher:
         task.add_done_callback(self._tasks.discard)
 
     async def _refresh(self, user_id: str) -> None:
-        catches: dict[Subscriber, _Catch] = {}
-        first_since: int | None = None
         try:
             while True:
                 self._again.discard(user_id)
-                since = self._since.pop(user_id, self._hub.position)
-                first_since = since if first_since is None else min(first_since, since)
+                since = self._since.pop(user_id, self._hub.delivered)
+                catches: dict[Subscriber, _Catch] = {}
                 if not await self._pass(user_id, since, catches):
                     return  # the streams were ended
+                self._release(user_id, since, catches)
                 if user_id not in self._again:
                     break
-            self._release(user_id, first_since, catches)
         except Exception:
             log.exception("refresh user=%s failed", user_id)
         finally:
@@ -169,19 +169,29 @@ class Refresher:
         return True
 
     def _release(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> None:
-        """Hand each held stream its replay and held messages in order; it goes live again."""
+        """Hand each held stream its replay and held messages in order, up to the last notice.
+
+        What arrived after a later notice stays held for the next pass (that notice
+        may change the rights again); the rest is written now.
+        """
         epoch = self._hub.epoch
+        own = user_channel(user_id)
         for sub in self._hub.streams_of(user_id):
             if sub.state is not State.CATCHING_UP:
                 continue
             try:
                 catch = catches.get(sub)
                 entries = sorted(catch.entries.values()) if catch is not None else []
-                messages = [
-                    message
-                    for message in replay.merge(epoch, entries, sub.held, since)
-                    if message.channel in sub.channels
-                ]
+                messages = replay.merge(epoch, entries, sub.held, since)
+                # Up to the LAST later notice: what came before it is released under
+                # this pass's rights, what came after waits for the next pass.
+                notice = next(
+                    (i for i in range(len(messages) - 1, -1, -1) if messages[i].channel == own),
+                    None,
+                )
+                cut = len(messages) if notice is None else notice + 1
+                keep = None if notice is None else messages[cut:]
+                now = [message for message in messages[:cut] if message.channel in sub.channels]
                 out: list[bytes] = []
                 if catch is not None and catch.reset is not None:
                     self._metrics.resets += 1
@@ -193,9 +203,9 @@ class Refresher:
                             reason=catch.reset,
                         )
                     )
-                frames, last_id = replay.frames(messages, sub.last_id, sub.json_flavour)
+                frames, last_id = replay.frames(now, sub.last_id, sub.json_flavour)
                 self._metrics.replayed += len(entries)
-                self._hub.release(sub, out + frames, last_id)
+                self._hub.release(sub, out + frames, last_id, keep)
             except Exception:
                 log.exception("refresh user=%s: catching a stream up failed", user_id)
                 self._lifecycle.end(sub, sse.Status.ERROR, "internal_error")

@@ -207,7 +207,7 @@ class Streams:
                 # on these channels came after the read and is held or live.
                 await self._broker.barrier()
         if not sub.held and not missed.entries and missed.reset is None and reset is None:
-            self._go_live(sub, ok_id, [], [], position.seq)
+            self._go_live(sub, ok_id, [], [], start, position.seq, refresh=False)
             return sub
         frames = []
         reset = reset or missed.reset
@@ -220,7 +220,8 @@ class Streams:
             )
         self._metrics.replayed += len(missed.entries)
         messages = replay.merge(self._hub.epoch, missed.entries, sub.held, start)
-        self._go_live(sub, ok_id, frames, messages, position.seq)
+        # An incomplete replay may have skipped a rights notice: re-read the set then.
+        self._go_live(sub, ok_id, frames, messages, start, position.seq, refresh=reset is not None)
         return sub
 
     def _go_live(
@@ -229,33 +230,38 @@ class Streams:
         ok_id: bytes,
         frames: list[bytes],
         messages: list[Held],
+        start: int,
         snapshot_seq: int,
+        refresh: bool,
     ) -> None:
         """Write `ok` and the catch-up; a rights notice among them starts a refresh there.
 
         The snapshot predates a notice that came after it: messages after that
-        notice stay held until the refresh decided what the stream reads.
+        notice stay held until the refresh decided what the stream reads. With
+        ``refresh`` (an incomplete replay), the set is re-read from the snapshot on.
         """
         if sub.state is not State.STARTING:
             return  # ended meanwhile (client gone, rights emptied, broker lost)
         own = user_channel(sub.user_id)
-        cut = len(messages)
+        notice: int | None = None
         for index, message in enumerate(messages):
             if message.channel == own and (message.seq is None or message.seq > snapshot_seq):
-                cut = index + 1
+                notice = index
                 break
+        cut = len(messages) if notice is None else notice + 1
         first = [sse.encode_status(ok_id, sse.Status.OK, json_flavour=sub.json_flavour)]
         caught_up, last_id = replay.frames(messages[:cut], ok_id, sub.json_flavour)
         sub.held = []
         self._metrics.connections_opened += 1
         sub.go_live(b"".join(first + frames + caught_up), last_id, self._loop.time())
+        self._hub.set_floor(sub, start)  # what arrives late from before the start is dropped
         self.lifecycle.watch_expiry(sub)
         log.debug("stream open user=%s channels=%d", sub.user_id, len(sub.channels))
-        if cut < len(messages):
-            notice = messages[cut - 1]
+        if notice is not None or refresh:
+            since = messages[notice].position if notice is not None else snapshot_seq
             self._hub.hold(sub)
             sub.held = messages[cut:]
-            self.refresher.on_user_message(sub.user_id, notice.position)
+            self.refresher.on_user_message(sub.user_id, since)
 
     def _refuse(self, attempt: _Attempt, status: sse.Status, reason: str) -> None:
         self.lifecycle.refuse(

@@ -1,0 +1,239 @@
+"""Regressions found by a review of the stream lifecycle: rights notices, lagging links, bounds.
+
+Real Redis behind the test proxy, so the pub/sub link can lag (one direction held)
+while the command link answers: the situations a loaded network produces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from sisyphus.brokers.memory import MemoryBroker
+from sisyphus.config import Settings
+from sisyphus.server.app import Service
+from tests.faults.test_broker_faults import readiness
+from tests.support.redis_server import RedisServer
+from tests.support.sse_client import SseClient, status
+from tests.support.tcp_proxy import Link, TcpProxy
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[tuple[RedisServer, TcpProxy, redis.Redis]]:
+    server = RedisServer()
+    server.start()
+    proxy = TcpProxy(server.port)
+    await proxy.start()
+    plain = redis.Redis(port=server.port)
+    yield server, proxy, plain
+    plain.close()
+    await proxy.close()
+    server.close()
+
+
+async def start(proxy: TcpProxy, **overrides: object) -> Service:
+    settings = Settings(port=0, redis_url=proxy.url, broker_timeout=2.0,
+                        broker_ping_interval=0.2, keepalive=5.0).replace(**overrides)  # fmt: skip
+    service = Service(settings)
+    await service.start()
+    return service
+
+
+def pubsub_link(proxy: TcpProxy, plain: redis.Redis) -> Link:
+    [entry] = [c for c in plain.client_list() if int(c.get("sub", 0)) > 0]
+    return proxy.link(int(entry["addr"].rsplit(":", 1)[1]))
+
+
+async def messages_until(client: SseClient, marker: str) -> list[str]:
+    """The data of every message up to and including ``marker``."""
+    got = []
+    while True:
+        event = await client.next_message()
+        got.append(event.data)
+        if event.data == marker:
+            return got
+
+
+async def test_a_revoke_that_is_the_last_thing_a_starting_stream_held_takes_effect(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],
+) -> None:
+    """A stream starting while its user is revoked a channel never reads that channel."""
+    _, proxy, plain = world
+    service = await start(proxy)
+    try:
+        plain.sadd("user:anchor:channels", "lobby")
+        anchor = await SseClient.open(service.port, "user=anchor")
+        assert (await anchor.expect()).data == status("ok")
+        await service.broker.grant("u", ["room", "secret"], b"granted")
+        link = pubsub_link(proxy, plain)
+        link.freeze(to_redis=False)  # the stream's subscriptions are confirmed late
+        opening = asyncio.ensure_future(SseClient.open(service.port, "user=u"))
+        for _ in range(200):
+            if plain.pubsub_numsub("secret") == [(b"secret", 1)]:
+                break
+            await asyncio.sleep(0.01)
+        await service.broker.revoke("u", ["secret"], b"revoked secret")
+        link.thaw()
+        client = await opening
+        assert (await client.expect()).data == status("ok")
+        assert (await client.next_message()).data == "revoked secret"
+        await asyncio.sleep(0.2)  # the refresh reads the set
+        await service.broker.publish("secret", b"after the revoke")
+        await service.broker.publish("room", b"marker")
+        assert await messages_until(client, "marker") == ["marker"]
+    finally:
+        await service.stop()
+
+
+async def test_a_revoke_missed_by_a_resetting_resume_still_takes_effect(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],
+) -> None:
+    """A resume that gets `reset` re-reads the rights: a revoke it couldn't replay applies."""
+    _, proxy, plain = world
+    service = await start(proxy, replay_max_messages=5)
+    try:
+        plain.sadd("user:anchor:channels", "lobby")
+        anchor = await SseClient.open(service.port, "user=anchor")
+        assert (await anchor.expect()).data == status("ok")
+        first = await service.broker.grant("u", ["room", "secret"], b"granted")
+        for i in range(10):  # more than one replay may carry: the resume resets
+            await service.broker.publish("room", b"missed %d" % i)
+        link = pubsub_link(proxy, plain)
+        link.freeze(to_client=False)  # the stream's SUBSCRIBE reaches Redis late
+        opening = asyncio.ensure_future(
+            SseClient.open(
+                service.port, "user=u", headers={"Last-Event-ID": first.encode().decode()}
+            )
+        )
+        for _ in range(200):
+            if service.hub.count_of("u") == 1:
+                break
+            await asyncio.sleep(0.01)
+        await service.broker.revoke("u", ["secret"], b"revoked secret")  # before it subscribed
+        link.thaw()
+        client = await opening
+        assert (await client.expect()).data == status("ok")
+        assert (await client.expect()).data == status("reset")
+        await asyncio.sleep(0.2)
+        await service.broker.publish("secret", b"after the revoke")
+        await service.broker.publish("room", b"marker")
+        assert await messages_until(client, "marker") == ["marker"]
+    finally:
+        await service.stop()
+
+
+async def test_a_grant_replays_from_its_notice_even_when_the_link_lags(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],
+) -> None:
+    """The first message on a granted channel arrives, though another handshake ran ahead."""
+    _, proxy, plain = world
+    service = await start(proxy)
+    try:
+        plain.sadd("user:u:channels", "room")
+        plain.sadd("user:v:channels", "lobby")
+        tab = await SseClient.open(service.port, "user=u")
+        assert (await tab.expect()).data == status("ok")
+        link = pubsub_link(proxy, plain)
+        link.freeze(to_redis=False)  # the pub/sub link lags behind the command link
+        await service.broker.grant("u", ["news"], b"granted news")
+        await service.broker.publish("news", b"first on news")
+        other = asyncio.ensure_future(SseClient.open(service.port, "user=v"))
+        for _ in range(200):  # the other user's snapshot moves the hub ahead
+            if service.hub.position >= 2:
+                break
+            await asyncio.sleep(0.01)
+        link.thaw()
+        assert await messages_until(tab, "first on news") == ["granted news", "first on news"]
+        await (await other).close()
+    finally:
+        await service.stop()
+
+
+async def test_a_second_tab_never_gets_messages_from_before_its_start(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],
+) -> None:
+    """With the pub/sub link lagging, a new tab's ids start at its `ok` and only go forward."""
+    _, proxy, plain = world
+    service = await start(proxy)
+    try:
+        plain.sadd("user:u:channels", "room")
+        first_tab = await SseClient.open(service.port, "user=u")
+        assert (await first_tab.expect()).data == status("ok")
+        link = pubsub_link(proxy, plain)
+        link.freeze(to_redis=False)
+        for i in range(3):
+            await service.broker.publish("room", b"old %d" % i)
+        second_tab = await SseClient.open(service.port, "user=u")
+        ok = await second_tab.expect()
+        assert ok.data == status("ok")
+        link.thaw()
+        await service.broker.publish("room", b"new")
+        assert await messages_until(second_tab, "new") == ["new"]
+        assert await messages_until(first_tab, "new") == ["old 0", "old 1", "old 2", "new"]
+    finally:
+        await service.stop()
+
+
+async def test_a_black_holed_command_link_is_not_ready(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],
+) -> None:
+    """Only the command link dead, quietly: /readyz turns 503 without waiting for a command."""
+    _, proxy, plain = world
+    service = await start(proxy, broker_timeout=0.5)
+    try:
+        plain.sadd("user:u:channels", "room")
+        client = await SseClient.open(service.port, "user=u")
+        assert (await client.expect()).data == status("ok")
+        assert await readiness(service) == 200
+        subscribed = {int(c["addr"].rsplit(":", 1)[1])
+                      for c in plain.client_list() if int(c.get("sub", 0)) > 0}  # fmt: skip
+        for link in proxy.links:
+            if link.upstream_port not in subscribed:
+                link.dead = True  # its packets vanish; the socket stays open
+        for _ in range(100):
+            if await readiness(service) == 503:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("/readyz stayed 200 with the command link dead")
+    finally:
+        await service.stop()
+
+
+class SlowRights(MemoryBroker):
+    """The embedded broker whose rights reads take 50 ms, as a loaded Redis would."""
+
+    async def user_channels(self, user_id: str) -> set[str] | None:
+        await asyncio.sleep(0.05)
+        return await super().user_channels(user_id)
+
+
+async def test_steady_personal_messages_never_starve_a_stream() -> None:
+    """Messages on user:<id> every 20 ms, each re-reading rights: other messages keep flowing."""
+    broker = SlowRights()
+    service = Service(Settings(port=0, keepalive=5.0), broker=broker)
+    await service.start()
+    try:
+        await broker.grant("u", ["room"], b"granted")
+        client = await SseClient.open(service.port, "user=u")
+        assert (await client.expect()).data == status("ok")
+        received: list[str] = []
+
+        async def read() -> None:
+            while True:
+                received.append((await client.next_message()).data)
+
+        reader = asyncio.ensure_future(read())
+        for i in range(50):
+            await broker.publish("user:u", b"personal %d" % i)
+            await broker.publish("room", b"room %d" % i)
+            await asyncio.sleep(0.02)
+        # While the traffic still flows, most of it has been delivered.
+        delivered_while_busy = sum(1 for data in received if data.startswith("room"))
+        reader.cancel()
+        assert delivered_while_busy >= 40, received[-5:]
+    finally:
+        await service.stop()
