@@ -23,8 +23,8 @@ async def _is_open(page: Any) -> bool:
     return await state(page) == "open"
 
 
-async def _has(page: Any, count: int) -> bool:
-    return len(await messages(page)) >= count
+async def _has(page: Any, count: int, channel: str | None = None) -> bool:
+    return len(await messages(page, channel)) >= count
 
 
 async def events(page: Any, kind: str | None = None) -> list[dict[str, Any]]:
@@ -32,8 +32,10 @@ async def events(page: Any, kind: str | None = None) -> list[dict[str, Any]]:
     return [e for e in found if kind is None or e["kind"] == kind]
 
 
-async def messages(page: Any) -> list[str]:
-    return [e["data"] for e in await events(page, "message")]
+async def messages(page: Any, channel: str | None = None) -> list[str]:
+    """The data of the messages the page's application got (on ``channel`` if given)."""
+    found = await events(page, "message")
+    return [e["data"] for e in found if channel is None or e["channel"] == channel]
 
 
 async def state(page: Any) -> str | None:
@@ -171,9 +173,9 @@ async def test_expired_token_is_refreshed_without_loss(
         await publish(service.port, "room:1", sent[-1])
         n += 1
         await asyncio.sleep(0.2)
-    await wait_until(lambda: _has(page, len(sent)))
+    await wait_until(lambda: _has(page, len(sent), "room:1"))
     await asyncio.sleep(0.3)
-    assert await messages(page) == sent
+    assert await messages(page, "room:1") == sent
     statuses = [(e["status"], e["reason"]) for e in await events(page, "status")]
     assert ("failure", "expired") in statuses
     assert page_server.tokens_minted >= 1
@@ -192,13 +194,13 @@ async def test_expired_token_without_provider_stops(
     context = await browser.new_context()
     url = page_server.harness(service.port, "/", token=page_server.mint("42"))
     page = (await open_tabs(context, url, 1))[0]
-    await wait_until(lambda: _is_open(page))
     await wait_until(lambda: _state_is(page, "closed"))
     failures = service.metrics.status_failure
     await asyncio.sleep(2)  # a looping client would have come back by now
     assert service.metrics.status_failure == failures
     statuses = [(e["status"], e["reason"]) for e in await events(page, "status")]
-    assert statuses == [("ok", None), ("failure", "expired")]
+    # Expired on the stream, or already when it connected (on a slow machine).
+    assert statuses in ([("ok", None), ("failure", "expired")], [("failure", "expired")])
     await context.close()
 
 
