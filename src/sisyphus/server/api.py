@@ -12,9 +12,10 @@ answers the id of "now", for a page to resume its first stream from.
 Bodies must be sent as ``Content-Type: application/json`` (415 otherwise): a web
 page can't send that type across origins without a preflight, which only listed
 origins pass. A request with an ``Origin`` outside the configured list is refused
-(403). Without a configured key only loopback clients may call it, and only with
-a loopback ``Host`` (``localhost``, ``127.x.y.z``, ``[::1]``), so that a page whose
-domain was re-pointed at 127.0.0.1 (DNS rebinding) can't reach it either.
+(403), unless it is the service's own origin (a page it served: the demo). Without
+a configured key only loopback clients may call it, and only with a loopback ``Host``
+(``localhost``, ``127.x.y.z``, ``[::1]``), so that a page whose domain was re-pointed
+at 127.0.0.1 (DNS rebinding) can't reach it either.
 """
 
 from __future__ import annotations
@@ -84,6 +85,21 @@ def is_loopback_host(host: str | None) -> bool:
     except ValueError:
         return False
     return address.version == version and address.is_loopback
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """Whether ``origin`` is the service's own (a page it served, like ``/demo``).
+
+    Browsers send ``Origin`` on a same-origin ``POST`` too. Another site's page can't
+    send an ``Origin`` naming this ``Host``; a page whose domain was re-pointed at
+    this machine (DNS rebinding) can, but then its ``Host`` is not a loopback name,
+    which the key-less API refuses, and with a key configured it still needs the key.
+    """
+    if not host:
+        return False
+    origin = origin.lower()
+    host = host.lower()
+    return origin in ("http://" + host, "https://" + host)
 
 
 def too_deep(value: object, limit: int) -> bool:
@@ -166,8 +182,13 @@ class Api:
             )
         result: dict[str, Any] | bytes
         try:
-            if origin is not None and not self._cors.allows(origin):
-                # A web page's request: only configured origins may drive the API.
+            if (
+                origin is not None
+                and not self._cors.allows(origin)
+                and not same_origin(origin, request.headers.get("host"))
+            ):
+                # A web page's request: only configured origins, and the service's own
+                # pages (the demo), may drive the API.
                 raise ApiError(HTTPStatus.FORBIDDEN, "origin not allowed")
             self._authorize(request, peer_host)
             if request.path == "/api/position":

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 from sisyphus.errors import PeerError
 from sisyphus.hub.subscriber import Subscriber
 from sisyphus.protocol import http
-from sisyphus.server import api, ops
+from sisyphus.server import api, ops, static
 
 if TYPE_CHECKING:
     from sisyphus.server.app import Service
@@ -277,6 +277,9 @@ class HttpConnection(asyncio.Protocol):
                     answer = service.ops.handle(request)
                 elif request.path in api.ROUTES:
                     answer = await service.api.handle(request, self._peer)
+                elif request.path in static.ROUTES:
+                    dev = service.settings.development_mode
+                    answer = static.answer(request, service.cors, dev)
                 else:
                     service.metrics.bad_requests += 1
                     answer = http.response(

@@ -1,0 +1,399 @@
+// sisyphus.js: the browser client of Sisyphus, one dependency-free ES module.
+//
+//   import { connect } from "https://push.example/sisyphus.js";
+//   const sub = connect("https://push.example/", { token, tokenProvider, onMessage, onStatus, onReset });
+//   sub.close();
+//
+// What it owns: reading one event stream (fetch, parsed here, so the service's
+// `retry:` hints and the last id are ours to use), keep-alives, statuses, token
+// refresh, reconnects with backoff, and sharing one stream between the tabs of an
+// origin (Web Locks elect the tab that holds it, BroadcastChannel carries its events).
+// It speaks the JSON flavour (`format=json`): statuses carry reasons, messages channels.
+// See docs/browser.md.
+
+const TOKEN_REASONS = new Set(["expired", "invalid_token", "not_yet_valid", "missing_token"]);
+const STOPPING = new Set(["failure", "disconnected"]);
+const XML_STATUS = /^<message><status>([a-z_]+)<\/status><\/message>$/;
+const EVENT_ID = /^([0-9a-z]{1,16})-(\d{1,19})-\d{1,12}$/;
+const FIRST_RETRY_MS = 1000; // before the service hinted anything
+const MAX_BACKOFF_MS = 60000;
+const HELLO_WAIT_MS = 150; // a new holder asks the other tabs how far they got
+const MAX_REFRESHES = 2; // token refreshes in a row without an `ok` before giving up
+
+/** Open a stream (or join the one another tab of this origin holds). */
+export function connect(url, options = {}) {
+  return new Subscription(String(url), options);
+}
+
+function parseId(id) {
+  const match = typeof id === "string" ? EVENT_ID.exec(id) : null;
+  return match ? { epoch: match[1], seq: BigInt(match[2]) } : null;
+}
+
+function jittered(ms) {
+  return Math.round(ms * (1 + Math.random() * 0.5));
+}
+
+function randomWord() {
+  return Math.random().toString(36).slice(2, 10);
+}
+
+class Subscription {
+  constructor(url, options) {
+    this._url = url;
+    this._options = options;
+    this._token = options.token ?? null;
+    this._tabId = randomWord();
+    this._streams = 0; // streams this tab opened: each is a "source" of events
+    this._closed = false;
+    this._stopped = false;
+    this._state = "connecting";
+    this._leader = false;
+    // What this tab delivered: the position (epoch, seq), its id, and the stream it came from.
+    this._pos = null;
+    this._lastId = options.lastEventId || null;
+    this._source = null;
+    this._lastStatus = null;
+    this._abort = null; // the running fetch's AbortController
+    this._timer = null;
+    this._wake = null;
+    this._release = null;
+    this._gathered = null;
+    this._resumeFrom = null;
+    this._channel = null;
+    this._lockAbort = null;
+    const shared =
+      options.shareTabs !== false &&
+      typeof BroadcastChannel === "function" &&
+      typeof navigator !== "undefined" &&
+      navigator.locks &&
+      typeof navigator.locks.request === "function";
+    if (shared) {
+      this._share();
+    } else {
+      this._run();
+    }
+  }
+
+  /** "connecting", "open" (an `ok` arrived, here or in the tab holding the stream) or "closed". */
+  get state() {
+    return this._state;
+  }
+
+  /** Whether this tab holds the stream (the others get its events). */
+  get leader() {
+    return this._leader;
+  }
+
+  /** The id of the last event this tab delivered (what a reconnect resumes from). */
+  get lastEventId() {
+    return this._lastId;
+  }
+
+  close() {
+    if (this._closed) return;
+    this._closed = true;
+    this._state = "closed";
+    this._leader = false;
+    if (this._abort) this._abort.abort();
+    if (this._lockAbort) this._lockAbort.abort();
+    clearTimeout(this._timer);
+    if (this._wake) this._wake();
+    if (this._release) this._release();
+    if (this._channel) this._channel.close();
+  }
+
+  // Tab sharing --------------------------------------------------------------
+  _share() {
+    const name = "sisyphus " + this._url;
+    this._channel = new BroadcastChannel(name);
+    this._channel.onmessage = (event) => this._onBroadcast(event.data);
+    this._lockAbort = new AbortController();
+    this._post({ t: "hello", from: this._tabId });
+    navigator.locks
+      .request(name, { signal: this._lockAbort.signal }, () => this._hold())
+      .catch(() => {}); // aborted by close() while waiting
+  }
+
+  async _hold() {
+    if (this._closed || this._stopped) return;
+    this._leader = true;
+    const held = new Promise((resolve) => (this._release = resolve));
+    // Other tabs may have delivered less than this one (a crashed holder's last
+    // broadcast): resume from the least of what they all delivered; the rest dedupes.
+    this._gathered = [];
+    this._post({ t: "hello", from: this._tabId, holder: true });
+    await new Promise((resolve) => setTimeout(resolve, HELLO_WAIT_MS));
+    let least = this._pos;
+    for (const id of this._gathered) {
+      const theirs = parseId(id);
+      if (theirs && least && theirs.epoch === least.epoch && theirs.seq < least.seq) {
+        least = theirs;
+        this._resumeFrom = id;
+      }
+    }
+    this._gathered = null;
+    if (!this._closed) this._run();
+    await held; // the lock is held until close() (or the tab goes away)
+  }
+
+  _post(message) {
+    if (this._channel && !this._closed) this._channel.postMessage(message);
+  }
+
+  _onBroadcast(message) {
+    if (this._closed || !message) return;
+    if (message.t === "event") {
+      this._deliver(message.e, false);
+    } else if (message.t === "hello") {
+      const reply = { t: "here", to: message.from, id: this._lastId };
+      if (this._leader && this._lastStatus) reply.status = this._lastStatus;
+      this._post(reply);
+    } else if (message.t === "here" && message.to === this._tabId) {
+      if (this._gathered && message.id) this._gathered.push(message.id);
+      if (message.status && !this._leader && this._state === "connecting") {
+        const { status, reason } = message.status;
+        if (status === "ok") this._state = "open";
+        this._call("onStatus", status, reason);
+      }
+    }
+  }
+
+  // Delivery: each event reaches the application once, whichever tab read it -----
+  _admit(e) {
+    const pos = parseId(e.id);
+    if (!pos) return true;
+    const status = e.kind === "status";
+    if (!this._pos || pos.epoch !== this._pos.epoch || pos.seq > this._pos.seq) {
+      this._pos = pos;
+      this._source = e.source;
+      this._lastId = e.id;
+      return true;
+    }
+    if (pos.seq === this._pos.seq) {
+      // The same position from another stream: a resume reached what was delivered.
+      // From now on, that stream's events at this position (plain PUBLISHes) are new.
+      const same = e.source === this._source;
+      this._source = e.source;
+      this._lastId = e.id;
+      return same || status;
+    }
+    return status; // behind: a duplicate message; a status is still news
+  }
+
+  _deliver(e, own) {
+    if (!this._admit(e)) return;
+    if (own) this._post({ t: "event", e });
+    if (e.kind === "message") {
+      const meta = { id: e.id };
+      if (e.channel !== undefined) meta.channel = e.channel;
+      this._call("onMessage", e.data, meta);
+      return;
+    }
+    this._lastStatus = { status: e.status, reason: e.reason };
+    if (e.status === "ok") this._state = "open";
+    else if (e.status !== "reset") this._state = e.final ? "closed" : "connecting";
+    this._call("onStatus", e.status, e.reason);
+    if (e.status === "reset") this._call("onReset");
+    if (e.final && !own) this._stop();
+  }
+
+  _call(name, ...args) {
+    const callback = this._options[name];
+    if (typeof callback !== "function" || this._closed) return;
+    try {
+      callback(...args);
+    } catch (error) {
+      setTimeout(() => {
+        throw error; // reported as uncaught, without breaking the stream
+      });
+    }
+  }
+
+  _stop() {
+    // Every tab stops: a new holder would only meet the same refusal.
+    this._stopped = true;
+    this._state = "closed";
+    if (this._lockAbort) this._lockAbort.abort();
+  }
+
+  // The stream ----------------------------------------------------------------
+  async _run() {
+    let failures = 0;
+    let refreshes = 0;
+    while (!this._closed) {
+      const end = await this._once();
+      if (this._closed) return;
+      const status = end.status;
+      if (end.opened) failures = 0;
+      if (end.opened) refreshes = 0;
+      let delay;
+      if (status && status.status === "failure" && TOKEN_REASONS.has(status.reason)) {
+        if (typeof this._options.tokenProvider !== "function" || refreshes >= MAX_REFRESHES) {
+          return this._finish();
+        }
+        refreshes += 1;
+        try {
+          this._token = await this._options.tokenProvider();
+          delay = 0;
+        } catch (error) {
+          failures += 1;
+          delay = this._backoff(failures, end.retry);
+        }
+      } else if (status && STOPPING.has(status.status)) {
+        return this._finish();
+      } else if (end.httpStatus && end.httpStatus < 500 && end.httpStatus !== 429) {
+        return this._finish(); // the request itself is refused: retrying won't help
+      } else {
+        failures += 1; // `error`, a dropped connection, a refused connect, a 5xx
+        delay = this._backoff(failures, end.retry);
+      }
+      if (delay > 0) await this._sleep(delay);
+    }
+  }
+
+  _finish() {
+    this._state = "closed";
+    this._stopped = true;
+  }
+
+  _backoff(failures, hint) {
+    const doubled = Math.min(MAX_BACKOFF_MS, FIRST_RETRY_MS * 2 ** (failures - 1));
+    return jittered(Math.max(hint || 0, doubled));
+  }
+
+  _sleep(ms) {
+    return new Promise((resolve) => {
+      this._wake = resolve;
+      this._timer = setTimeout(resolve, ms);
+    });
+  }
+
+  _streamUrl() {
+    const target = new URL(this._url, typeof location !== "undefined" ? location.href : undefined);
+    target.searchParams.set("format", "json");
+    const last = this._resumeFrom || this._lastId;
+    this._resumeFrom = null;
+    if (last) target.searchParams.set("lastEventId", last);
+    else target.searchParams.delete("lastEventId");
+    if (this._token) target.searchParams.set("token", this._token);
+    return target.href;
+  }
+
+  // One connection: read events until it ends; say how it ended.
+  async _once() {
+    const source = this._tabId + ":" + ++this._streams;
+    const end = { status: null, retry: null, opened: false, httpStatus: 0 };
+    const abort = new AbortController();
+    this._abort = abort;
+    let response;
+    try {
+      response = await fetch(this._streamUrl(), {
+        signal: abort.signal,
+        cache: "no-store",
+        credentials: this._options.withCredentials ? "include" : "same-origin",
+        headers: { Accept: "text/event-stream" },
+      });
+    } catch (error) {
+      return end; // refused, reset, aborted by close()
+    }
+    const type = response.headers.get("content-type") || "";
+    if (!response.ok || !type.startsWith("text/event-stream")) {
+      end.httpStatus = response.status || 599;
+      abort.abort();
+      if (end.httpStatus < 500 && end.httpStatus !== 429 && !this._closed) {
+        const reason = "http_" + response.status;
+        this._deliver({ kind: "status", status: "failure", reason, final: true, source }, true);
+      }
+      return end;
+    }
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    let data = [];
+    let type_ = "";
+    let id = this._lastId || "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || this._closed) break;
+        buffer += value;
+        let at;
+        while ((at = buffer.search(/\r\n|\r|\n/)) >= 0) {
+          if (buffer[at] === "\r" && at === buffer.length - 1) break; // a CRLF may be split
+          const line = buffer.slice(0, at);
+          buffer = buffer.slice(at + (buffer.startsWith("\r\n", at) ? 2 : 1));
+          if (line === "") {
+            if (data.length) {
+              const stop = this._event(type_ || "message", data.join("\n"), id, source, end);
+              if (stop) {
+                abort.abort();
+                return end;
+              }
+            }
+            data = [];
+            type_ = "";
+            continue;
+          }
+          if (line[0] === ":") continue;
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          let text = colon < 0 ? "" : line.slice(colon + 1);
+          if (text[0] === " ") text = text.slice(1);
+          if (field === "data") data.push(text);
+          else if (field === "event") type_ = text;
+          else if (field === "id" && !text.includes("\0")) id = text;
+          else if (field === "retry" && /^\d+$/.test(text)) end.retry = Number(text);
+        }
+      }
+    } catch (error) {
+      // the connection broke, or close() aborted it
+    } finally {
+      abort.abort();
+    }
+    return end;
+  }
+
+  // One event of the stream; true when it ends the stream.
+  _event(type, data, id, source, end) {
+    let status = null;
+    if (type === "status") {
+      try {
+        status = JSON.parse(data);
+      } catch (error) {
+        return false;
+      }
+    } else if (type === "noop" || (type === "message" && data === "noop")) {
+      return false; // keep-alive
+    } else if (type === "message" && XML_STATUS.test(data)) {
+      status = { status: XML_STATUS.exec(data)[1] }; // the default flavour, if asked for
+    }
+    if (status) {
+      const name = String(status.status);
+      const closing = name !== "ok" && name !== "reset";
+      if (name === "ok") end.opened = true;
+      const refresh =
+        name === "failure" &&
+        TOKEN_REASONS.has(status.reason) &&
+        typeof this._options.tokenProvider === "function";
+      const final = closing && STOPPING.has(name) && !refresh;
+      const e = { kind: "status", status: name, reason: status.reason, id, source, final };
+      this._deliver(e, true);
+      if (closing) {
+        end.status = { status: name, reason: status.reason };
+        return true;
+      }
+      return false;
+    }
+    let message = { kind: "message", data, id, source };
+    try {
+      const parsed = JSON.parse(data);
+      if (parsed && typeof parsed === "object" && typeof parsed.channel === "string") {
+        message = { kind: "message", data: String(parsed.data), channel: parsed.channel, id, source };
+      }
+    } catch (error) {
+      // a payload sent as is
+    }
+    this._deliver(message, true);
+    return false;
+  }
+}
