@@ -11,7 +11,7 @@ Two ways, one interface (:class:`Publisher`):
 Both are synchronous (a web request handler calls them) and raise
 :class:`SisyphusClientError` with a message saying what went wrong.
 
-:class:`AsyncHttpPublisher` (on httpx, the ``sisyphus[async]`` extra) and
+:class:`AsyncHttpPublisher` (on httpx2, the ``sisyphus[async]`` extra) and
 :class:`AsyncRedisPublisher` (on ``redis.asyncio``) have the same methods as
 coroutines, for an asyncio application (FastAPI, Starlette, aiohttp), and raise
 the same errors; close them with ``await publisher.aclose()`` or ``async with``.
@@ -45,7 +45,7 @@ from sisyphus.protocol.resume import EventId
 from sisyphus.protocol.rights import rights_notice
 
 if TYPE_CHECKING:
-    import httpx
+    import httpx2
 
 __all__ = [
     "DEFAULT_URL",
@@ -286,7 +286,7 @@ def _now_id(epoch: bytes, seq: bytes | None) -> str:
 
 
 class AsyncHttpPublisher:
-    """:class:`HttpPublisher` for asyncio, on an ``httpx.AsyncClient`` (``sisyphus[async]``).
+    """:class:`HttpPublisher` for asyncio, on an ``httpx2.AsyncClient`` (``sisyphus[async]``).
 
     One client (one connection pool) per publisher: create it once, at the
     application's start-up, and ``await aclose()`` at its shutdown.
@@ -296,18 +296,18 @@ class AsyncHttpPublisher:
         self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 5.0
     ) -> None:
         try:
-            import httpx
+            import httpx2
         except ImportError:  # pragma: no cover - the test extra installs it
             raise SisyphusClientError(
-                "AsyncHttpPublisher needs httpx: pip install 'sisyphus[async]'"
+                "AsyncHttpPublisher needs httpx2: pip install 'sisyphus[async]'"
             ) from None
-        self._httpx = httpx
+        self._httpx = httpx2
         self._url = url.rstrip("/")
         authorization = _authorization(api_key)
         headers = {"Content-Type": "application/json"}
         if authorization is not None:
             headers["Authorization"] = authorization
-        self._client: httpx.AsyncClient = httpx.AsyncClient(
+        self._client: httpx2.AsyncClient = httpx2.AsyncClient(
             timeout=timeout,
             # latin-1 text that is the key's UTF-8 bytes, as HttpPublisher sends it.
             headers={name.encode(): value.encode("latin-1") for name, value in headers.items()},
