@@ -87,7 +87,9 @@ class Metrics:
     tokens_expired: int = _counter("streams ended because their token expired")
     limit_connections: int = _counter("streams refused at --max-connections")
     limit_user_connections: int = _counter("streams refused at --max-connections-per-user")
-    limit_channels: int = _counter("streams refused at --max-channels-per-user")
+    limit_channels: int = _counter(
+        "channel sets over --max-channels-per-user (stream refused or ended)"
+    )
     header_timeouts: int = _counter("connections cut for a request head slower than allowed")
     replayed: int = _counter("messages replayed to resuming streams")
     resets: int = _counter("reset statuses sent (a position too old to resume)")
