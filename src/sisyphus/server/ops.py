@@ -113,11 +113,6 @@ class Ops:
             headers=headers,
         )
 
-    def exposition(self) -> bytes:
-        """The metrics in Prometheus text format 0.0.4, read now."""
-        encode, _ = choose_encoder("")
-        return encode(self._registry)
-
     def collect(self) -> Iterator[Metric]:
         """The metric families, read from the plain counters now (prometheus-client calls it)."""
         counters = {
