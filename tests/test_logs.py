@@ -69,13 +69,18 @@ def test_credentials_are_scrubbed_whatever_a_call_site_passes(format: str) -> No
     assert "***" in text
 
 
-@pytest.mark.parametrize("format", ["text", "json"])
-async def test_a_serving_process_logs_no_token_key_or_cookie(format: str) -> None:
+@pytest.mark.parametrize(
+    ("format", "via"), [("text", "default"), ("json", "flag"), ("json", "variable")]
+)
+async def test_a_serving_process_logs_no_token_key_or_cookie(format: str, via: str) -> None:
     """A real service's logs, through good and bad tokens, cookies and keys, hold none of them."""
-    served = await start_serve(
-        "--log-format", format, "--log-level", "debug",
-        env={"SISYPHUS_SECRET": SECRET, "SISYPHUS_API_KEY": KEY},
-    )  # fmt: skip
+    env = {"SISYPHUS_SECRET": SECRET, "SISYPHUS_API_KEY": KEY}
+    flags = ["--log-level", "debug"]
+    if via == "flag":
+        flags += ["--log-format", format]
+    elif via == "variable":
+        env["SISYPHUS_LOG_FORMAT"] = format
+    served = await start_serve(*flags, env=env)
     token = helper.mint_token(SECRET, "42")
     expired = helper.mint_token(SECRET, "42", ttl=60, now=time.time() - 3600)
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
