@@ -73,3 +73,33 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert str(unit) not in done.stderr, done.stderr  # no "Failed to parse ..., ignoring"
+
+
+def documented_metrics() -> dict[str, tuple[str, str]]:
+    """Every metric /metrics exposes: exposed name -> (type, HELP text)."""
+    from sisyphus.metrics import COUNTER_HELP
+    from sisyphus.server.ops import BROKER_COUNTER_HELP, GAUGE_HELP, HISTOGRAM_HELP
+
+    metrics = {f"sisyphus_{name}": ("gauge", help) for name, help in GAUGE_HELP.items()}
+    for name, help in {**COUNTER_HELP, **BROKER_COUNTER_HELP}.items():
+        metrics[f"sisyphus_{name}_total"] = ("counter", help)
+    for name, help in HISTOGRAM_HELP.items():
+        metrics[f"sisyphus_{name}"] = ("histogram", help)
+    return metrics
+
+
+@pytest.mark.parametrize(("metric", "row"), sorted(documented_metrics().items()))
+def test_every_metric_is_in_the_operations_table_with_its_help(
+    metric: str, row: tuple[str, str]
+) -> None:
+    """docs/operations.md lists each metric with its type and the HELP text /metrics shows."""
+    kind, help = row
+    assert f"| `{metric}` | {kind} | {help} |" in OPERATIONS
+
+
+def test_operations_shows_a_p99_latency_query() -> None:
+    """The docs give the PromQL for p99 delivery latency, on the histogram's real name."""
+    assert (
+        "histogram_quantile(0.99, sum by (le) (rate(sisyphus_delivery_latency_seconds_bucket"
+        in (OPERATIONS)
+    )

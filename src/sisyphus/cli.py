@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sisyphus import __version__, client, config
+from sisyphus import __version__, client, config, logs
 from sisyphus.errors import ConfigError
 
 _TARGET = (
@@ -177,11 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sisyphus serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(settings.log_level, settings.log_format)
     from sisyphus.server.app import run  # imported here: publish/grant don't need the server
 
     try:

@@ -11,20 +11,29 @@ Two ways, one interface (:class:`Publisher`):
 Both are synchronous (a web request handler calls them) and raise
 :class:`SisyphusClientError` with a message saying what went wrong.
 
+:class:`AsyncHttpPublisher` (on httpx2, the ``sisyphus[async]`` extra) and
+:class:`AsyncRedisPublisher` (on ``redis.asyncio``) have the same methods as
+coroutines, for an asyncio application (FastAPI, Starlette, aiohttp), and raise
+the same errors; close them with ``await publisher.aclose()`` or ``async with``.
+
 :func:`mint_token` signs the expiring token a browser connects with:
 ``mint_token(secret, "42", ttl=3600)``, then ``/?token=<token>``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
-from typing import Any, Protocol
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import redis
+import redis.asyncio
+import redis.asyncio.sentinel
 import redis.sentinel
 
 from sisyphus import config
@@ -38,8 +47,14 @@ from sisyphus.protocol.names import user_channel as _user_channel
 from sisyphus.protocol.resume import EventId
 from sisyphus.protocol.rights import rights_notice
 
+if TYPE_CHECKING:
+    import httpx2
+
 __all__ = [
     "DEFAULT_URL",
+    "AsyncHttpPublisher",
+    "AsyncPublisher",
+    "AsyncRedisPublisher",
     "HttpPublisher",
     "Publisher",
     "RedisPublisher",
@@ -64,6 +79,16 @@ class Publisher(Protocol):
     def position(self) -> str: ...
 
 
+class AsyncPublisher(Protocol):
+    """:class:`Publisher` for asyncio: each call is a coroutine."""
+
+    async def publish(self, channel: str, data: str | bytes) -> str: ...
+    async def grant(self, user_id: str, channels: Iterable[str]) -> str: ...
+    async def revoke(self, user_id: str, channels: Iterable[str]) -> str: ...
+    async def position(self) -> str: ...
+    async def aclose(self) -> None: ...
+
+
 def _checked(user_id: str, channels: Iterable[str]) -> list[str]:
     try:
         check_user_id(user_id)
@@ -73,6 +98,48 @@ def _checked(user_id: str, channels: Iterable[str]) -> list[str]:
     if not checked:
         raise SisyphusClientError("give at least one channel")
     return checked
+
+
+def _publish_body(channel: str, data: str | bytes) -> dict[str, Any]:
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        # The API carries text (JSON), and a browser's EventSource reads UTF-8 only.
+        raise SisyphusClientError(
+            f"the message is not UTF-8 text (byte {exc.start}); "
+            "publish bytes through RedisPublisher, or encode them (e.g. base64)"
+        ) from None
+    return {"channel": channel, "data": text}
+
+
+def _rights_body(user_id: str, channels: Iterable[str]) -> dict[str, Any]:
+    return {"user": user_id, "channels": _checked(user_id, channels)}
+
+
+def _http_url(url: str) -> str:
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise SisyphusClientError(f"unsupported URL {url!r}: use http:// or https://")
+    return url
+
+
+def _authorization(api_key: str | None) -> str | None:
+    """The header's text; http.client sends it as latin-1, so this puts the key's UTF-8
+    bytes on the wire, exactly what curl sends for the same key."""
+    return None if not api_key else f"Bearer {api_key}".encode().decode("latin-1")
+
+
+def _api_error(route: str, code: int, body: bytes, reason: str) -> SisyphusClientError:
+    with contextlib.suppress(ValueError, AttributeError):  # not a JSON object: the status says
+        reason = json.loads(body).get("error", reason)
+    return SisyphusClientError(f"{route}: HTTP {code}: {reason}")
+
+
+def _answer_id(route: str, body: bytes) -> str:
+    try:
+        return str(json.loads(body)["id"])
+    except (ValueError, KeyError, TypeError):
+        raise SisyphusClientError(f"{route}: the answer is not JSON") from None
 
 
 class HttpPublisher:
@@ -85,56 +152,39 @@ class HttpPublisher:
         self._api_key = api_key
         self._timeout = timeout
 
-    def _post(self, route: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    def _post(self, route: str, body: dict[str, Any] | None) -> str:
+        """POST ``body`` (GET without one) to ``route``; the event id answered."""
+        url = _http_url(self._url)
         request = urllib.request.Request(  # noqa: S310 - the URL is the operator's, http(s) only
-            self._url + route,
+            url + route,
             data=None if body is None else json.dumps(body).encode(),
             method="GET" if body is None else "POST",
             headers={"Content-Type": "application/json"},
         )
-        if not request.full_url.startswith(("http://", "https://")):
-            raise SisyphusClientError(f"unsupported URL {self._url!r}: use http:// or https://")
-        if self._api_key:
-            # http.client sends header text as latin-1; going through it this way puts the
-            # key's UTF-8 bytes on the wire, exactly what curl sends for the same key.
-            header = f"Bearer {self._api_key}".encode().decode("latin-1")
-            request.add_header("Authorization", header)
+        authorization = _authorization(self._api_key)
+        if authorization is not None:
+            request.add_header("Authorization", authorization)
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:  # noqa: S310
-                answer: dict[str, Any] = json.loads(response.read())
-                return answer
+                answer = response.read()
         except urllib.error.HTTPError as exc:
-            try:
-                reason = json.loads(exc.read()).get("error", exc.reason)
-            except ValueError:
-                reason = exc.reason
-            raise SisyphusClientError(f"{route}: HTTP {exc.code}: {reason}") from None
+            with exc:
+                raise _api_error(route, exc.code, exc.read(), exc.reason) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise SisyphusClientError(f"can't reach Sisyphus at {self._url}: {exc}") from None
-        except ValueError:
-            raise SisyphusClientError(f"{route}: the answer is not JSON") from None
+            raise SisyphusClientError(f"can't reach Sisyphus at {url}: {exc}") from None
+        return _answer_id(route, answer)
 
     def publish(self, channel: str, data: str | bytes) -> str:
-        try:
-            text = data.decode("utf-8") if isinstance(data, bytes) else data
-        except UnicodeDecodeError as exc:
-            # The API carries text (JSON), and a browser's EventSource reads UTF-8 only.
-            raise SisyphusClientError(
-                f"the message is not UTF-8 text (byte {exc.start}); "
-                "publish bytes through RedisPublisher, or encode them (e.g. base64)"
-            ) from None
-        return str(self._post("/api/publish", {"channel": channel, "data": text})["id"])
+        return self._post("/api/publish", _publish_body(channel, data))
 
     def grant(self, user_id: str, channels: Iterable[str]) -> str:
-        body = {"user": user_id, "channels": _checked(user_id, channels)}
-        return str(self._post("/api/grant", body)["id"])
+        return self._post("/api/grant", _rights_body(user_id, channels))
 
     def revoke(self, user_id: str, channels: Iterable[str]) -> str:
-        body = {"user": user_id, "channels": _checked(user_id, channels)}
-        return str(self._post("/api/revoke", body)["id"])
+        return self._post("/api/revoke", _rights_body(user_id, channels))
 
     def position(self) -> str:
-        return str(self._post("/api/position", None)["id"])
+        return self._post("/api/position", None)
 
 
 def _connect_redis(url: str, timeout: float) -> redis.Redis:
@@ -158,6 +208,31 @@ def _connect_redis(url: str, timeout: float) -> redis.Redis:
     return master
 
 
+def _connect_async_redis(
+    url: str, timeout: float
+) -> tuple[redis.asyncio.Redis, list[redis.asyncio.Redis]]:
+    """:func:`_connect_redis` for ``redis.asyncio``; also the sentinel clients to close."""
+    topology = parse_broker_url(url)
+    if not topology.uses_sentinel:
+        plain = redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        return plain, []
+    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        list(topology.sentinels), socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+    params = topology.params
+    master: redis.asyncio.Redis = sentinel.master_for(
+        topology.master_name,
+        db=params.get("db", 0),
+        username=params.get("username"),
+        password=params.get("password"),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
+    return master, list(sentinel.sentinels)
+
+
 class RedisPublisher:
     """Publish and change rights directly in the Redis that Sisyphus reads.
 
@@ -175,17 +250,7 @@ class RedisPublisher:
         history_size: int | None = None,
         history_max_age: float | None = None,
     ) -> None:
-        flags = {
-            "history_size": None if history_size is None else str(history_size),
-            "history_max_age": None if history_max_age is None else str(history_max_age),
-        }
-        retention = (config.option("history_size"), config.option("history_max_age"))
-        try:
-            values = config.read(retention, flags)
-        except ConfigError as exc:
-            raise SisyphusClientError(str(exc)) from None
-        self._history_size: int = values["history_size"]
-        self._history_max_age: float = values["history_max_age"]
+        self._history_size, self._history_max_age = _retention(history_size, history_max_age)
         try:
             self._redis = _connect_redis(url, timeout)
         except ValueError as exc:
@@ -193,22 +258,13 @@ class RedisPublisher:
         self._script = self._redis.register_script(PUBLISH_SCRIPT)
 
     def publish(self, channel: str, data: str | bytes) -> str:
-        try:
-            check_channel(channel)
-        except InvalidName as exc:
-            raise SisyphusClientError(str(exc)) from None
-        payload = data.encode() if isinstance(data, str) else data
-        return self._sequenced(channel, payload)
+        return self._sequenced(_publish_message(channel, data))
 
     def grant(self, user_id: str, channels: Iterable[str]) -> str:
-        checked = _checked(user_id, channels)
-        notice = rights_notice("granted", checked)
-        return self._sequenced(_user_channel(user_id), notice, ("SADD", user_id, checked))
+        return self._sequenced(_rights_message("granted", user_id, channels))
 
     def revoke(self, user_id: str, channels: Iterable[str]) -> str:
-        checked = _checked(user_id, channels)
-        notice = rights_notice("revoked", checked)
-        return self._sequenced(_user_channel(user_id), notice, ("SREM", user_id, checked))
+        return self._sequenced(_rights_message("revoked", user_id, channels))
 
     def position(self) -> str:
         try:
@@ -219,22 +275,194 @@ class RedisPublisher:
                 _, epoch, seq = pipe.execute()
         except redis.RedisError as exc:
             raise SisyphusClientError(f"redis: {exc}") from None
-        return EventId(epoch.decode(), int(seq or 0), int(time.time())).encode().decode()
+        return _now_id(epoch, seq)
 
-    def _sequenced(
-        self, channel: str, payload: bytes, rights: tuple[str, str, list[str]] | None = None
-    ) -> str:
+    def _sequenced(self, message: _Message) -> str:
         keys, args = publish_call(
-            channel, payload, self._history_size, self._history_max_age, new_epoch(), rights
+            *message[:2], self._history_size, self._history_max_age, new_epoch(), message[2]
         )
         try:
-            epoch, seq, moment = self._script(keys=keys, args=args)
+            answer = self._script(keys=keys, args=args)
         except redis.RedisError as exc:
             raise SisyphusClientError(f"redis: {exc}") from None
-        return EventId(epoch.decode(), int(seq), int(moment)).encode().decode()
+        return _script_id(answer)
 
     def close(self) -> None:
         self._redis.close()
+
+
+# (channel, payload, rights change) as the publish script takes them.
+_Message = tuple[str, bytes, tuple[str, str, list[str]] | None]
+
+
+def _retention(history_size: int | None, history_max_age: float | None) -> tuple[int, float]:
+    """The retention given, else as the service reads it (its variables, its defaults)."""
+    flags = {
+        "history_size": None if history_size is None else str(history_size),
+        "history_max_age": None if history_max_age is None else str(history_max_age),
+    }
+    retention = (config.option("history_size"), config.option("history_max_age"))
+    try:
+        values = config.read(retention, flags)
+    except ConfigError as exc:
+        raise SisyphusClientError(str(exc)) from None
+    return values["history_size"], values["history_max_age"]
+
+
+def _publish_message(channel: str, data: str | bytes) -> _Message:
+    try:
+        check_channel(channel)
+    except InvalidName as exc:
+        raise SisyphusClientError(str(exc)) from None
+    return channel, data.encode() if isinstance(data, str) else data, None
+
+
+def _rights_message(change: str, user_id: str, channels: Iterable[str]) -> _Message:
+    checked = _checked(user_id, channels)
+    command = "SADD" if change == "granted" else "SREM"
+    return _user_channel(user_id), rights_notice(change, checked), (command, user_id, checked)
+
+
+def _script_id(answer: Any) -> str:
+    epoch, seq, moment = answer
+    return EventId(epoch.decode(), int(seq), int(moment)).encode().decode()
+
+
+def _now_id(epoch: bytes, seq: bytes | None) -> str:
+    return EventId(epoch.decode(), int(seq or 0), int(time.time())).encode().decode()
+
+
+class AsyncHttpPublisher:
+    """:class:`HttpPublisher` for asyncio, on an ``httpx2.AsyncClient`` (``sisyphus[async]``).
+
+    One client (one connection pool) per publisher: create it once, at the
+    application's start-up, and ``await aclose()`` at its shutdown.
+    """
+
+    def __init__(
+        self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 5.0
+    ) -> None:
+        try:
+            import httpx2
+        except ImportError:  # pragma: no cover - the test extra installs it
+            raise SisyphusClientError(
+                "AsyncHttpPublisher needs httpx2: pip install 'sisyphus[async]'"
+            ) from None
+        self._httpx = httpx2
+        self._url = url.rstrip("/")
+        authorization = _authorization(api_key)
+        headers = {"Content-Type": "application/json"}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        self._client: httpx2.AsyncClient = httpx2.AsyncClient(
+            timeout=timeout,
+            # latin-1 text that is the key's UTF-8 bytes, as HttpPublisher sends it.
+            headers={name.encode(): value.encode("latin-1") for name, value in headers.items()},
+        )
+
+    async def _post(self, route: str, body: dict[str, Any] | None) -> str:
+        url = _http_url(self._url)
+        try:
+            response = await self._client.request(
+                "GET" if body is None else "POST",
+                url + route,
+                content=None if body is None else json.dumps(body).encode(),
+            )
+        except self._httpx.HTTPError as exc:
+            raise SisyphusClientError(f"can't reach Sisyphus at {url}: {exc}") from None
+        if response.status_code >= 400:
+            raise _api_error(route, response.status_code, response.content, response.reason_phrase)
+        return _answer_id(route, response.content)
+
+    async def publish(self, channel: str, data: str | bytes) -> str:
+        return await self._post("/api/publish", _publish_body(channel, data))
+
+    async def grant(self, user_id: str, channels: Iterable[str]) -> str:
+        return await self._post("/api/grant", _rights_body(user_id, channels))
+
+    async def revoke(self, user_id: str, channels: Iterable[str]) -> str:
+        return await self._post("/api/revoke", _rights_body(user_id, channels))
+
+    async def position(self) -> str:
+        return await self._post("/api/position", None)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class AsyncRedisPublisher:
+    """:class:`RedisPublisher` for asyncio, on ``redis.asyncio`` (same script, same retention)."""
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 5.0,
+        history_size: int | None = None,
+        history_max_age: float | None = None,
+    ) -> None:
+        self._history_size, self._history_max_age = _retention(history_size, history_max_age)
+        try:
+            self._redis, self._sentinels = _connect_async_redis(url, timeout)
+        except ValueError as exc:
+            raise SisyphusClientError(f"invalid Redis URL: {exc}") from None
+        self._script = self._redis.register_script(PUBLISH_SCRIPT)
+
+    async def publish(self, channel: str, data: str | bytes) -> str:
+        return await self._sequenced(_publish_message(channel, data))
+
+    async def grant(self, user_id: str, channels: Iterable[str]) -> str:
+        return await self._sequenced(_rights_message("granted", user_id, channels))
+
+    async def revoke(self, user_id: str, channels: Iterable[str]) -> str:
+        return await self._sequenced(_rights_message("revoked", user_id, channels))
+
+    async def position(self) -> str:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(EPOCH_KEY, new_epoch(), nx=True)
+                pipe.get(EPOCH_KEY)
+                pipe.get(SEQUENCE_KEY)
+                _, epoch, seq = await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise SisyphusClientError(f"redis: {exc}") from None
+        return _now_id(epoch, seq)
+
+    async def _sequenced(self, message: _Message) -> str:
+        keys, args = publish_call(
+            *message[:2], self._history_size, self._history_max_age, new_epoch(), message[2]
+        )
+        try:
+            answer = await self._script(keys=keys, args=args)
+        except (redis.RedisError, OSError) as exc:
+            raise SisyphusClientError(f"redis: {exc}") from None
+        return _script_id(answer)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
 
 def connect(

@@ -188,6 +188,13 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _log_format(text: str) -> str:
+    chosen = text.lower()
+    if chosen not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return chosen
+
+
 def _setting(
     default: Any,
     parse: Callable[[str], Any],
@@ -382,6 +389,13 @@ class Settings:
         "SECONDS",
     )
     log_level: str = _setting("INFO", _log_level, "debug, info, warning or error", "LEVEL")
+    log_format: str = _setting(
+        "text",
+        _log_format,
+        "text (a line for people) or json (one JSON object per line: time, level, logger, "
+        "event, message, and the event's fields such as user, reason, peer)",
+        "FORMAT",
+    )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from sisyphus.client import RedisPublisher
+from sisyphus.client import AsyncRedisPublisher, RedisPublisher
 from sisyphus.config import Settings
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.server.app import Service
@@ -205,3 +205,15 @@ async def test_a_demoted_master_that_stays_up_is_left_for_the_new_one(
         assert (await client.next_message()).data == "on the new master"
     finally:
         await service.stop()
+
+
+async def test_the_async_helper_publishes_through_the_sentinels(topology: SentinelTopology) -> None:
+    """AsyncRedisPublisher with a redis+sentinel:// URL reaches the master and sequences."""
+    publisher = AsyncRedisPublisher(topology.url)
+    try:
+        first = await publisher.publish("room:1", "one")
+        second = await publisher.publish("room:1", "two")
+    finally:
+        await publisher.aclose()
+    assert int(second.split("-")[1]) == int(first.split("-")[1]) + 1
+    assert topology.master().xlen("sisyphus:history:room:1") == 2

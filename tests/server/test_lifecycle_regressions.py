@@ -19,6 +19,7 @@ from sisyphus.server.app import Service
 from tests.conftest import ServiceFactory, api, grant
 from tests.server.test_api import raw_request
 from tests.server.test_resume import connect_ok, pipelined
+from tests.support.metrics import samples
 from tests.support.sse_client import SseClient, status
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs512-0123456789abcdefghij"
@@ -38,10 +39,7 @@ async def publish_id(service: Service, channel: str, data: str) -> str:
 
 def stream_gauge(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-        for line in answer.read().decode().splitlines():
-            if line.startswith("sisyphus_streams "):
-                return int(line.split()[1])
-    raise AssertionError("no sisyphus_streams gauge")
+        return int(samples(answer.read().decode())["sisyphus_streams"])
 
 
 async def wait_streams(service: Service, count: int) -> None:

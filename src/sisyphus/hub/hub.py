@@ -9,6 +9,8 @@ connection per loop iteration). Must not await, parse HTTP or know Redis.
 from __future__ import annotations
 
 import logging
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -41,6 +43,7 @@ class Hub:
         wall_clock: Callable[[], float],
         max_held: int = 1000,
         on_overflow: Callable[[Subscriber], None] | None = None,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._sink = sink
         # A starting or catching-up stream holds at most this many messages; past it,
@@ -56,6 +59,14 @@ class Hub:
         self._users: dict[str, set[Subscriber]] = {}
         self._stream_count = 0
         self._dirty: list[Subscriber] = []
+        # Messages queued since the last flush, and when the first of them arrived (loop
+        # clock): the flush records their delivery latency once per message, not per
+        # subscriber, measured from that first arrival (messages dispatched in one loop
+        # iteration came in one read, so they arrived together).
+        # (On ``timer``: uvloop's loop clock has a resolution of 1 ms.)
+        self._timer = timer
+        self._batch = 0
+        self._batch_arrival = 0.0
         self._wall_clock = wall_clock
         # The broker's epoch and the highest seq this process knows of (snapshots
         # included), and the highest seq delivered over the pub/sub link.
@@ -192,6 +203,9 @@ class Hub:
             dirty = self._dirty
             if not dirty:
                 self._schedule(self.flush)
+            if not self._batch:
+                self._batch_arrival = self._timer()
+            self._batch += 1
             if seq is not None:
                 self._fan_out_sequenced(listeners, channel, payload, seq, time)
             else:
@@ -334,6 +348,14 @@ class Hub:
             except Exception:
                 # One broken connection must never stop delivery to the others.
                 log.exception("write failed user=%s", sub.user_id)
+        batch = self._batch
+        if batch:
+            # Once per flush, when every listener's transport has its messages' bytes.
+            self._batch = 0
+            elapsed = self._timer() - self._batch_arrival
+            latency = self._metrics.delivery_latency
+            latency.counts[bisect_left(latency.bounds, elapsed)] += batch
+            latency.sum += elapsed * batch
 
     def sweep_keepalive(self, interval: float) -> int:
         """Queue a noop for every live stream silent for ``interval`` seconds; return how many."""

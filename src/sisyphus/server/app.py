@@ -240,7 +240,7 @@ class Service:
                 self.streams.lifecycle.close(sub, b": shutting down\nretry: %d\n\n" % retry)
             if index + 1 < batches:
                 await asyncio.sleep(window / batches)
-        log.info("drained %d streams", len(subs))
+        log.info("drained %d streams", len(subs), extra={"streams": len(subs)})
         await self.stop()
 
     async def run_until_signalled(self) -> None:
@@ -258,7 +258,8 @@ class Service:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         await first.wait()
-        log.info("stopping: draining %d streams", self.hub.stream_count())
+        count = self.hub.stream_count()
+        log.info("stopping: draining %d streams", count, extra={"streams": count})
         draining = loop.create_task(self.drain())
         forced = loop.create_task(second.wait())
         done, _ = await asyncio.wait(

@@ -222,7 +222,12 @@ class HttpConnection(asyncio.Protocol):
         self._service.handshakes.pop(self, None)
         self._reader = None
         self._queue.clear()
-        log.info("bad request from %s: %s", self._peer, message)
+        log.info(
+            "bad request from %s: %s",
+            self._peer,
+            message,
+            extra={"event": "bad request", "peer": self._peer, "reason": message},
+        )
         if self.transport is not None and not self.transport.is_closing():
             vary = self._service.cors.vary
             self._close(
@@ -302,7 +307,12 @@ class HttpConnection(asyncio.Protocol):
                 # Garbage after valid requests in one read: they were answered above,
                 # the garbage gets its error and the connection ends.
                 service.metrics.bad_requests += 1
-                log.info("bad request from %s: %s", self._peer, reader.failure)
+                log.info(
+                    "bad request from %s: %s",
+                    self._peer,
+                    reader.failure,
+                    extra={"event": "bad request", "peer": self._peer, "reason": reader.failure},
+                )
                 failure = reader.failure
                 answers.append(
                     http.response(failure.status, http.error_body(str(failure)), headers=vary)
@@ -316,7 +326,11 @@ class HttpConnection(asyncio.Protocol):
                 self._await_request()  # keep-alive: the next request has the same time bound
         except Exception:
             # The process never dies of a request: log it, answer 500 if nothing was sent.
-            log.exception("request from %s failed", self._peer)
+            log.exception(
+                "request from %s failed",
+                self._peer,
+                extra={"event": "request failed", "peer": self._peer},
+            )
             if self.subscriber is None and not transport.is_closing():
                 answers.append(http.response(HTTPStatus.INTERNAL_SERVER_ERROR, b"{}", headers=vary))
             self._close(transport, answers)

@@ -171,7 +171,7 @@ class Lifecycle:
 
     def on_broker_lost(self) -> None:
         count = self.end_all(sse.Status.ERROR, "broker_unavailable")
-        log.error("broker lost: closed %d streams with `error`", count)
+        log.error("broker lost: closed %d streams with `error`", count, extra={"streams": count})
 
     # Expiry ------------------------------------------------------------------
     def watch_expiry(self, sub: Subscriber) -> None:

@@ -1,30 +1,56 @@
-"""Operator endpoints: ``/healthz``, ``/readyz`` and ``/metrics`` (Prometheus text).
+"""Operator endpoints: ``/healthz``, ``/readyz`` and ``/metrics`` (Prometheus).
 
 ``/healthz`` says the process is alive and its loop answers. ``/readyz`` says a
 load balancer may send clients: the service accepts connections AND its broker
 is connected with every subscription confirmed, so a service that went deaf
 after a broker failover is not "ready". Each also answers ``HEAD`` (the connection
 drops the body of every answer to a ``HEAD``).
+
+``/metrics`` is written by prometheus-client (HELP, TYPE, escaping, and OpenMetrics
+when the scraper's ``Accept`` asks for it) from a collector that reads the plain
+counters of :mod:`sisyphus.metrics` at scrape time: the hot path never takes the
+library's locks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from sisyphus.brokers.base import Broker
 from sisyphus.hub.hub import Hub
-from sisyphus.metrics import Metrics
+from sisyphus.metrics import COUNTER_HELP, Buckets, Metrics
 from sisyphus.protocol import http
 
 ROUTES = ("/healthz", "/readyz", "/metrics")
 
-_GAUGE_HELP = {
+BROKER_COUNTER_HELP = {
+    "broker_reconnects": "times the broker link came back after a loss",
+    "broker_malformed_messages": "broker messages dropped as malformed",
+}
+
+GAUGE_HELP = {
     "streams": "event streams open in this process",
     "channels": "channels with at least one local listener",
     "handshakes": "connections still sending their request head",
     "broker_connected": "1 while the broker connection is up",
     "ready": "1 while /readyz answers 200",
+}
+
+HISTOGRAM_HELP = {
+    "delivery_latency_seconds": "seconds from a message's arrival at the process to its write "
+    "to every local listener's transport",
+    "handshake_duration_seconds": "seconds from a stream's complete request to its ok status "
+    "written",
 }
 
 
@@ -44,6 +70,10 @@ class Ops:
         self._accepting = accepting
         self._handshakes = handshakes
         self._headers = headers  # on every answer (``Vary: Origin`` once CORS is on)
+        # A registry of its own: nothing of the library's default (process, GC) registry,
+        # and several services in one process (the tests) don't collide.
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_Collector(self))
 
     def ready(self) -> bool:
         return self._accepting() and self._broker.ready
@@ -74,25 +104,25 @@ class Ops:
                 keep_alive=keep,
                 headers=headers,
             )
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return http.response(
             HTTPStatus.OK,
-            self.exposition(),
-            "text/plain; version=0.0.4; charset=utf-8",
+            encode(self._registry),
+            content_type,
             keep_alive=keep,
             headers=headers,
         )
 
-    def exposition(self) -> bytes:
-        """Counters and gauges in Prometheus text format, read now (no lock on the hot path)."""
-        lines = []
+    def collect(self) -> Iterator[Metric]:
+        """The metric families, read from the plain counters now (prometheus-client calls it)."""
         counters = {
             **self._metrics.statistics(),
             "broker_reconnects": self._broker.reconnects,
             "broker_malformed_messages": self._broker.malformed,
         }
         for name, value in counters.items():
-            metric = f"sisyphus_{name}_total"
-            lines += [f"# TYPE {metric} counter", f"{metric} {value}"]
+            help = COUNTER_HELP.get(name) or BROKER_COUNTER_HELP[name]
+            yield CounterMetricFamily(f"sisyphus_{name}", help, value=value)
         gauges = {
             "streams": self._hub.stream_count(),
             "channels": len(self._hub.channels()),
@@ -101,7 +131,22 @@ class Ops:
             "ready": int(self.ready()),
         }
         for name, value in gauges.items():
-            metric = f"sisyphus_{name}"
-            lines += [f"# HELP {metric} {_GAUGE_HELP[name]}", f"# TYPE {metric} gauge"]
-            lines.append(f"{metric} {value}")
-        return ("\n".join(lines) + "\n").encode()
+            yield GaugeMetricFamily(f"sisyphus_{name}", GAUGE_HELP[name], value=value)
+        histograms = {
+            "delivery_latency_seconds": self._metrics.delivery_latency,
+            "handshake_duration_seconds": self._metrics.handshake_duration,
+        }
+        for name, buckets in histograms.items():
+            yield _histogram(f"sisyphus_{name}", HISTOGRAM_HELP[name], buckets)
+
+
+class _Collector(Collector):
+    def __init__(self, ops: Ops) -> None:
+        self._ops = ops
+
+    def collect(self) -> Iterator[Metric]:
+        return self._ops.collect()
+
+
+def _histogram(name: str, help: str, buckets: Buckets) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, help, buckets=buckets.cumulative(), sum_value=buckets.sum)

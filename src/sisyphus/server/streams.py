@@ -61,11 +61,17 @@ def default_max_connections() -> int:
 class _Attempt:
     """One connect's answer so far: its head, flavour and the client's own position."""
 
-    __slots__ = ("head", "json_flavour", "position", "transport")
+    __slots__ = ("head", "json_flavour", "position", "started", "transport")
 
     def __init__(
-        self, transport: StreamTransport, head: bytes, json_flavour: bool, position: bytes
+        self,
+        transport: StreamTransport,
+        head: bytes,
+        json_flavour: bool,
+        position: bytes,
+        started: float = 0.0,
     ) -> None:
+        self.started = started  # time.perf_counter() when the request was complete
         self.transport = transport
         self.head = head
         self.json_flavour = json_flavour
@@ -102,6 +108,7 @@ class Streams:
         self, owner: StreamOwner, transport: StreamTransport, request: http.Request
     ) -> None:
         """Run the handshake of a ``GET /`` stream up to the `ok` status (or a closing one)."""
+        started = time.perf_counter()  # uvloop's loop clock has a resolution of 1 ms
         try:
             claimed = last_event_id(request, self._settings.max_last_event_id_bytes)
         except InvalidEventId as exc:
@@ -118,12 +125,17 @@ class Streams:
             http.sse_head(self._cors.headers(request.headers.get("origin"))),
             request.query_value("format") == "json",
             claimed.encode() if claimed is not None else self._hub.current_id(),
+            started,
         )
         try:
             identity = self._auth.identify(request)
         except AuthFailure as failure:
             self._metrics.auth_failures += 1
-            log.info("stream refused: %s", failure.reason)
+            log.info(
+                "stream refused: %s",
+                failure.reason,
+                extra={"event": "stream refused", "reason": failure.reason},
+            )
             self._refuse(attempt, sse.Status.FAILURE, failure.reason)
             return
         if self._auth.development_mode:
@@ -162,7 +174,11 @@ class Streams:
             members, position = await self._broker.snapshot(user_id)
             self._hub.set_position(position.epoch, position.seq)
             if members is None:
-                log.info("stream refused: unknown user=%s", user_id)
+                log.info(
+                    "stream refused: unknown user=%s",
+                    user_id,
+                    extra={"event": "stream refused", "reason": "unknown_user"},
+                )
                 self._refuse(attempt, sse.Status.FAILURE, "unknown_user")
                 return None
             if attempt.transport.is_closing() or self._over_limits(user_id, attempt):
@@ -207,7 +223,7 @@ class Streams:
                 # on these channels came after the read and is held or live.
                 await self._broker.barrier()
         if not sub.held and not missed.entries and missed.reset is None and reset is None:
-            self._go_live(sub, ok_id, [], [], start, position.seq, refresh=False)
+            self._go_live(sub, ok_id, [], [], start, position.seq, False, attempt.started)
             return sub
         frames = []
         reset = reset or missed.reset
@@ -221,7 +237,8 @@ class Streams:
         self._metrics.replayed += len(missed.entries)
         messages = replay.merge(self._hub.epoch, missed.entries, sub.held, start)
         # An incomplete replay may have skipped a rights notice: re-read the set then.
-        self._go_live(sub, ok_id, frames, messages, start, position.seq, refresh=reset is not None)
+        refresh = reset is not None
+        self._go_live(sub, ok_id, frames, messages, start, position.seq, refresh, attempt.started)
         return sub
 
     def _go_live(
@@ -233,6 +250,7 @@ class Streams:
         start: int,
         snapshot_seq: int,
         refresh: bool,
+        started: float = 0.0,
     ) -> None:
         """Write `ok` and the catch-up; a rights notice among them starts a refresh there.
 
@@ -255,6 +273,7 @@ class Streams:
         self._metrics.connections_opened += 1
         sub.go_live(b"".join(first + frames + caught_up), last_id, self._loop.time())
         self._hub.set_floor(sub, start)  # what arrives late from before the start is dropped
+        self._metrics.handshake_duration.observe(time.perf_counter() - started)
         self.lifecycle.watch_expiry(sub)
         log.debug("stream open user=%s channels=%d", sub.user_id, len(sub.channels))
         if notice is not None or refresh:
@@ -272,12 +291,21 @@ class Streams:
         """Refuse a stream past the process or per-user limit (a retry later may pass)."""
         if self._hub.stream_count() >= self.max_connections:
             self._metrics.limit_connections += 1
-            log.warning("stream refused: %d streams open (limit)", self._hub.stream_count())
+            count = self._hub.stream_count()
+            log.warning(
+                "stream refused: %d streams open (limit)",
+                count,
+                extra={"event": "stream refused", "reason": "over_capacity", "streams": count},
+            )
             self._refuse(attempt, sse.Status.ERROR, "over_capacity")
             return True
         if self._hub.count_of(user_id) >= self._settings.max_connections_per_user:
             self._metrics.limit_user_connections += 1
-            log.info("stream refused: user=%s holds too many streams", user_id)
+            log.info(
+                "stream refused: user=%s holds too many streams",
+                user_id,
+                extra={"event": "stream refused", "reason": "too_many_connections"},
+            )
             self._refuse(attempt, sse.Status.ERROR, "too_many_connections")
             return True
         return False
