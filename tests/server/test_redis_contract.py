@@ -115,6 +115,19 @@ async def test_a_set_of_the_wrong_type_is_an_unknown_user(
     assert [e.data for e in events] == [status("failure")]
 
 
+async def test_a_set_replaced_by_another_type_disconnects_on_the_next_notice(
+    service: Service, redis_client: redis.Redis
+) -> None:
+    """The rights key turned into a string: the refresh reads no set, `disconnected`."""
+    redis_client.sadd("user:1:channels", "room:1")
+    client = await connect_ok(service, "1")
+    redis_client.delete("user:1:channels")
+    redis_client.set("user:1:channels", "not a set")
+    redis_client.publish("user:1", "rights changed")
+    events = await client.until_closed()
+    assert [e.data for e in events if not e.is_noop] == ["rights changed", status("disconnected")]
+
+
 async def test_unreachable_redis_gives_error_status() -> None:
     """With Redis down, a connecting client gets `error` with a retry hint, then the close."""
     settings = Settings(port=0, redis_url=f"redis://127.0.0.1:{free_port()}/0", broker_timeout=1)

@@ -414,8 +414,20 @@ class RedisBroker:
             raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None
 
     async def user_channels(self, user_id: str) -> set[str] | None:
-        members, _ = await self.snapshot(user_id)
-        return members
+        # One SMEMBERS (pipelined with whatever else this loop iteration sends): the
+        # refresh that every message on user:<id> triggers needs nothing more.
+        key = channels_key(user_id)
+        try:
+            members = await self._call(self._commands.call("SMEMBERS", key))
+        except BrokerUnavailable as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            log.warning("%s is not a SET: user=%s treated as unknown", key, user_id)
+            return None
+        # Redis deletes empty sets: a missing or empty set is an unknown user.
+        if not members:
+            return None
+        return {member.decode("utf-8", "replace") for member in members}
 
     async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
         keys = [channels_key(user_id), EPOCH_KEY, SEQUENCE_KEY, TIMELINE_KEY]
