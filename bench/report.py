@@ -88,6 +88,8 @@ def figures(scenario: str, data: dict[str, Any]) -> Figures:
         return out
     if scenario == "S3":
         return ladder_figures(f"S3 {data['subscribers']:,} users", data)
+    if scenario == "S5":
+        return ladder_figures(f"S5 {data['subscribers']:,} users on user:<id>", data)
     return s4_figures(data)
 
 
@@ -170,7 +172,7 @@ def notes(results: dict[str, dict[str, Any]]) -> list[str]:
             ladders = []
             if scenario == "S2":
                 ladders = list(data.values())
-            elif scenario == "S3":
+            elif scenario in ("S3", "S5"):
                 ladders = [data]
             for run in ladders:
                 if run["open_errors"]:

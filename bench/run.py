@@ -1,6 +1,6 @@
 """Benchmark Sisyphus against Nchan: one command, same scenarios, same client.
 
-    .venv/bin/python bench/run.py [--quick] [--only S1,S2,S3,S4]
+    .venv/bin/python bench/run.py [--quick] [--only S1,S2,S3,S4,S5]
                                   [--targets sisyphus,nchan,sisyphus-redis]
 
 Every figure has a flag; --quick picks small sizes and short steps (the whole suite in
@@ -77,7 +77,7 @@ def numbers(kind: type) -> Any:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, short steps (~3 min)")
-    p.add_argument("--only", default="S1,S2,S3,S4", help="scenarios to run (default all)")
+    p.add_argument("--only", default="S1,S2,S3,S4,S5", help="scenarios to run (default all)")
     p.add_argument("--targets", default="sisyphus,nchan,sisyphus-redis")
     p.add_argument("--server-cpu", type=int, default=0, help="core of the server (taskset)")
     p.add_argument("--load-cpu", type=int, default=1, help="core of the load generator")

@@ -199,7 +199,7 @@ class Runner:
         step = next(STEPS)
         states = await self.pool.each({"cmd": "step", "step": step})
         meter = Meter(self.target, self.pool)
-        channels = count if kind == "unicast" else 1
+        channels = 1 if kind == "broadcast" else count
         assert self.pool.publisher is not None
         pub = await self.pool.publisher.call(
             {
@@ -219,7 +219,7 @@ class Runner:
         per_channel: list[int] = pub["per_channel"]
 
         def expected(gid: int) -> int:
-            return per_channel[gid] if kind == "unicast" else per_channel[0]
+            return per_channel[0] if kind == "broadcast" else per_channel[gid]
 
         alive_ids: list[list[int]] = []
         want = 0
@@ -312,6 +312,10 @@ class Runner:
     async def unicast(self) -> dict[str, Any]:
         return await self.ladder("unicast", self.plan.s3_users, self.plan.s3_rates)
 
+    # S5: S3's load on each user's own channel (for Nchan the same as S3's channels)
+    async def personal(self) -> dict[str, Any]:
+        return await self.ladder("personal", self.plan.s3_users, self.plan.s3_rates)
+
     # S4
     async def churn(self) -> dict[str, Any]:
         plan = self.plan
@@ -371,7 +375,9 @@ class Runner:
             return await self.unicast()
         if scenario == "S4":
             return await self.churn()
-        raise SystemExit(f"unknown scenario {scenario!r}: S1, S2, S3 or S4")
+        if scenario == "S5":
+            return await self.personal()
+        raise SystemExit(f"unknown scenario {scenario!r}: S1, S2, S3, S4 or S5")
 
 
 def redis_note(target: Target) -> dict[str, Any]:

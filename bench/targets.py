@@ -171,6 +171,8 @@ class Sisyphus(Target):
         return self.subscribe_path("b{i}" if kind == "broadcast" else "u{i}")
 
     def channel(self, kind: str) -> str:
+        if kind == "personal":
+            return "user:u{i}"  # the seed's personal channel: every message refreshes rights
         return "room:1" if kind == "broadcast" else "inbox:{i}"
 
     async def prepare(self, kind: str, count: int) -> None:
