@@ -56,3 +56,66 @@ async def second_signal(served: Served) -> None:
     assert served.process.returncode is None  # still draining
     served.process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(served.process.wait(), 10) == 0
+
+
+async def _get(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str, *headers: str
+) -> tuple[bytes, bytes]:
+    """One keep-alive GET on an open connection: (head, body) of a Content-Length answer."""
+    lines = [f"GET {target} HTTP/1.1", "Host: 127.0.0.1", *headers]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    body = await asyncio.wait_for(reader.readexactly(int(length[0].split(b":")[1])), 10)
+    return head, body
+
+
+async def test_draining_process_refuses_streams_on_kept_alive_connections() -> None:
+    """During a drain, a new stream on a kept-alive connection gets `error` (shutting_down),
+    the client's own id and a 1-2 s retry, then a close; /readyz there answers 503."""
+    served = await start_serve("--shutdown-drain", "4", "--shutdown-timeout", "20")
+    try:
+        await run_cli("grant", "1", "room:1", "--url", served.url)
+        clients = [await SseClient.open(served.port, "user=1") for _ in range(30)]
+        for client in clients:
+            assert (await client.expect()).data == status("ok")
+        own_id = clients[0].last_event_id
+        assert own_id is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        head, _ = await _get(reader, writer, "/readyz")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        served.process.send_signal(signal.SIGTERM)
+        await _wait_refused(served.port)  # the listener is closed: the drain has begun
+        head, body = await _get(reader, writer, "/readyz")
+        assert head.startswith(b"HTTP/1.1 503 "), head
+        assert body == b'{"status": "stopping"}'
+        target = "/?user=1&format=json"
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {own_id}\r\n\r\n".encode()
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)  # until the service closes it
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert b"Content-Type: text/event-stream" in answer
+        event = answer.split(b"\r\n\r\n", 1)[1]
+        fields = dict(line.split(b": ", 1) for line in event.strip().split(b"\n"))
+        assert fields[b"id"] == own_id.encode()
+        assert fields[b"event"] == b"status"
+        assert fields[b"data"] == b'{"status":"error","reason":"shutting_down"}'
+        assert 1000 <= int(fields[b"retry"]) < 2000
+        writer.close()
+        assert served.process.returncode is None  # the drain was still under way
+        assert await asyncio.wait_for(served.process.wait(), 20) == 0
+    finally:
+        await stop_serve(served)
+
+
+async def _wait_refused(port: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        assert asyncio.get_running_loop().time() < deadline, "the listener stayed open"
+        await asyncio.sleep(0.02)

@@ -35,7 +35,7 @@ from sisyphus.protocol.resume import (
     start_position,
 )
 from sisyphus.server import replay
-from sisyphus.server.lifecycle import Lifecycle, StreamTransport
+from sisyphus.server.lifecycle import Lifecycle, StreamTransport, shutdown_retry_ms
 from sisyphus.server.refresh import Refresher, readable
 
 log = logging.getLogger("sisyphus.streams")
@@ -96,6 +96,9 @@ class Streams:
         self.lifecycle = Lifecycle(settings, hub, metrics, wall_clock)
         self.refresher = Refresher(settings, broker, hub, metrics, self.lifecycle, loop)
         self._dev_warned_at = -DEV_MODE_WARNING_INTERVAL
+        # Set when a stop begins: from then on every new stream, on any connection, is
+        # refused with the shutdown's reconnect hint.
+        self.stopping = False
 
     # Opening ---------------------------------------------------------------
     async def open(
@@ -119,6 +122,11 @@ class Streams:
             request.query_value("format") == "json",
             claimed.encode() if claimed is not None else self._hub.current_id(),
         )
+        if self.stopping:
+            # A kept-alive connection (a proxy's upstream pool) may still bring streams
+            # after the listener closed: send them on to the next process.
+            self._refuse(attempt, sse.Status.ERROR, "shutting_down", shutdown_retry_ms())
+            return
         try:
             identity = self._auth.identify(request)
         except AuthFailure as failure:
@@ -257,9 +265,17 @@ class Streams:
             sub.held = messages[cut:]
             self.refresher.on_user_message(sub.user_id, notice.position)
 
-    def _refuse(self, attempt: _Attempt, status: sse.Status, reason: str) -> None:
+    def _refuse(
+        self, attempt: _Attempt, status: sse.Status, reason: str, retry_ms: int | None = None
+    ) -> None:
         self.lifecycle.refuse(
-            attempt.transport, attempt.head, attempt.position, status, reason, attempt.json_flavour
+            attempt.transport,
+            attempt.head,
+            attempt.position,
+            status,
+            reason,
+            attempt.json_flavour,
+            retry_ms,
         )
 
     def _over_limits(self, user_id: str, attempt: _Attempt) -> bool:
