@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +121,24 @@ async def _wait_refused(port: int) -> None:
         writer.close()
         assert asyncio.get_running_loop().time() < deadline, "the listener stayed open"
         await asyncio.sleep(0.02)
+
+
+async def test_systemd_hears_ready_once_listening_and_stopping_at_sigterm(tmp_path: Path) -> None:
+    """Under systemd (Type=notify), `systemctl start` returns once the port listens, and
+    systemd learns when the drain begins."""
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.setblocking(False)
+        served = await start_serve(env={"NOTIFY_SOCKET": address})
+        try:
+            loop = asyncio.get_running_loop()
+            ready = await asyncio.wait_for(loop.sock_recv(sock, 256), 10)
+            assert ready == b"READY=1"
+            _, writer = await asyncio.open_connection("127.0.0.1", served.port)  # it listens
+            writer.close()
+            served.process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(loop.sock_recv(sock, 256), 10) == b"STOPPING=1"
+            assert await asyncio.wait_for(served.process.wait(), 15) == 0
+        finally:
+            await stop_serve(served)

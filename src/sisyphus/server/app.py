@@ -27,6 +27,7 @@ from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.server.api import Api
 from sisyphus.server.connection import HttpConnection
 from sisyphus.server.lifecycle import shutdown_retry_ms
+from sisyphus.server.notify import notify
 from sisyphus.server.ops import Ops
 from sisyphus.server.streams import Streams
 
@@ -169,6 +170,7 @@ class Service:
                 "trusted and ANYONE CAN LISTEN AS ANYONE. Never expose this to a network."
             )
         log.info("listening on http://%s:%d", settings.host, self.port)
+        notify("READY=1")
 
     async def _sweep(self) -> None:
         """The one periodic tick: keep-alives, expired tokens, slow request heads."""
@@ -224,6 +226,7 @@ class Service:
         """
         self.accepting = False  # /readyz is 503 from now on, on every connection
         self.streams.stopping = True
+        notify("STOPPING=1")
         if self._server is not None:
             self._server.close()
         subs = self.hub.subscribers()
