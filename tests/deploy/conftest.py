@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
@@ -20,6 +21,8 @@ SECRET = "deploy-tests-secret-of-at-least-32-bytes!"
 def nginx_installed() -> None:
     if nginx_binary() is None:
         pytest.skip("nginx is not installed (apt-get install nginx; .ci/run installs it)")
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (apt-get install curl; .ci/run installs it)")
 
 
 def token(user: str) -> str:

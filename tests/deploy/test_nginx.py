@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 from sisyphus.client import RedisPublisher
 from tests.deploy.conftest import NginxFactory, ServeFactory, token
-from tests.support.nginx import curl, curl_stream
+from tests.support.nginx import CONFIG, curl, curl_stream
 from tests.support.redis_server import free_port
 from tests.support.sse_client import status
 
@@ -111,3 +112,17 @@ async def test_health_endpoints_metrics_and_api_through_nginx(
         code, body = await curl("--interface", "127.0.0.2", f"{nginx.url}{path}")
         assert code == 403, path
         assert "nginx" in body
+
+
+def test_security_doc_quotes_the_tested_configuration() -> None:
+    """The nginx lines docs/security.md shows are the ones the tests run (comments aside)."""
+    doc = (CONFIG.parent.parent.parent / "docs" / "security.md").read_text()
+    blocks = re.findall(r"```nginx\n(.*?)```", doc, re.DOTALL)
+    assert blocks
+    for block in blocks:
+        assert _directives(block) in _directives(CONFIG.read_text())
+
+
+def _directives(text: str) -> str:
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line)
