@@ -1,4 +1,4 @@
-"""Restarts that lose no client: the SO_REUSEPORT hand-over of `sisyphus serve --reuse-port`."""
+"""Restarts that lose no client: the SO_REUSEPORT hand-over, and a rolling restart behind nginx."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import contextlib
 import signal
 
 from sisyphus.client import RedisPublisher
-from tests.deploy.conftest import ServeFactory, token
+from tests.deploy.conftest import NginxFactory, ServeFactory, token
+from tests.support.nginx import curl_stream
 from tests.support.redis_server import free_port
 from tests.support.sse_client import SseClient, status
 
@@ -136,3 +137,83 @@ async def _until(condition: object, what: str, timeout: float = 30) -> None:
     while not condition():  # type: ignore[operator]
         assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+class ProxiedBrowser:
+    """EventSource through nginx (HTTP/2, read by curl): reconnects with its last id."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.messages: list[str] = []
+        self.opened = 0
+        self.unavailable = 0  # nginx's own answer: no process took the connect
+        self.refused_while_draining = 0
+
+    async def run(self) -> None:
+        last_id: str | None = None
+        while True:
+            headers = [f"Last-Event-ID: {last_id}"] if last_id else []
+            client = await curl_stream(self.url, *headers)
+            retry_ms = 1000
+            while (event := await client.next_event(timeout=30)) is not None:
+                if event.retry is not None:
+                    retry_ms = event.retry
+                if event.data == status("ok"):
+                    self.opened += 1
+                elif event.data == status("error"):
+                    if b"sisyphus unavailable" in client.raw:
+                        self.unavailable += 1
+                    else:
+                        self.refused_while_draining += 1
+                elif not event.is_noop:
+                    self.messages.append(event.data)
+            last_id = client.last_event_id
+            tail = bytes(client.raw).rsplit(b"retry: ", 1)
+            if len(tail) == 2:
+                retry_ms = int(tail[1].split(b"\n", 1)[0])
+            await client.close()
+            await asyncio.sleep(retry_ms / 1000)
+
+
+async def test_rolling_restart_behind_nginx_loses_nothing(
+    serve: ServeFactory, make_nginx: NginxFactory, publisher: RedisPublisher
+) -> None:
+    """Two processes behind nginx restarted one at a time: every reconnect finds a process
+    (nginx never answers for them), and every client gets every message once, in order."""
+    ports = [free_port(), free_port()]
+    processes = {port: await serve(port=port) for port in ports}
+    nginx = make_nginx(ports)
+    users = [f"r{n}" for n in range(10)]
+    for user in users:
+        publisher.grant(user, ["room:1"])
+    browsers = [ProxiedBrowser(f"{nginx.url}/?token={token(user)}") for user in users]
+    tasks = [asyncio.create_task(b.run()) for b in browsers]
+    sent: list[str] = []
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        while not stop.is_set():
+            sent.append(f"m{len(sent)}")
+            publisher.publish("room:1", sent[-1])
+            await asyncio.sleep(0.05)
+
+    try:
+        await _until(lambda: all(b.opened for b in browsers), "every stream opened")
+        tasks.append(asyncio.create_task(publish()))
+        for port in ports:
+            processes[port].process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(processes[port].process.wait(), 20) == 0
+            processes[port] = await serve(port=port)
+            await asyncio.sleep(0.5)
+        stop.set()
+        await _until(lambda: all(len(b.messages) >= len(sent) for b in browsers), "delivery")
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    for browser in browsers:
+        assert browser.unavailable == 0
+        assert browser.messages == sent  # all of them, once each, in order
+    assert sum(b.opened for b in browsers) > len(browsers)  # restarts moved streams
