@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
+from sisyphus.brokers.base import Position
+from sisyphus.brokers.memory import MemoryBroker
+from sisyphus.config import Settings
+from sisyphus.server.app import Service
 from tests.support.sse_client import SseClient, status
 from tests.test_cli import Served, run_cli, start_serve, stop_serve
 
@@ -142,3 +147,68 @@ async def test_systemd_hears_ready_once_listening_and_stopping_at_sigterm(tmp_pa
             assert await asyncio.wait_for(served.process.wait(), 15) == 0
         finally:
             await stop_serve(served)
+
+
+class GatedBroker(MemoryBroker):
+    """The embedded broker, with one user's handshake held at a chosen step (our own seam)."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__(history_size=100, history_max_age=3600)
+        self.step = step
+        self.reached = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def _hold(self, step: str, user: str | None = None) -> None:
+        if step == self.step and user in (None, "slow"):
+            self.reached.set()
+            await self.gate.wait()
+
+    async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
+        await self._hold("snapshot", user_id)
+        return await super().snapshot(user_id)
+
+    async def wait_subscribed(self, channels: Iterable[str]) -> None:
+        if "room:slow" in channels:
+            await self._hold("subscribe")
+
+
+async def _drain_with_a_handshake_held(step: str, live: int) -> bytes:
+    broker = GatedBroker(step)
+    settings = Settings(port=0, keepalive=5, shutdown_drain=1.0)
+    service = Service(settings, broker=broker)
+    await service.start()
+    try:
+        await broker.grant("slow", ["room:slow"], b"")
+        await broker.grant("fast", ["room:fast"], b"")
+        clients = [await SseClient.open(service.port, "user=fast") for _ in range(live)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        writer.write(b"GET /?user=slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(broker.reached.wait(), 10)
+        draining = asyncio.create_task(service.drain())
+        await asyncio.sleep(0)  # the drain's first step marks the service as stopping
+        assert service.streams.stopping
+        broker.gate.set()
+        answer = await asyncio.wait_for(reader.read(), 10)  # until the service closes it
+        writer.close()
+        await asyncio.wait_for(draining, 20)
+        for client in clients:
+            await client.close()
+        return answer
+    finally:
+        broker.gate.set()
+        await service.stop()
+
+
+@pytest.mark.parametrize(("step", "live"), [("subscribe", 0), ("snapshot", 10)])
+async def test_a_handshake_under_way_when_a_drain_begins_gets_a_retry_not_an_ok(
+    step: str, live: int
+) -> None:
+    """A stream still connecting when the stop begins gets `error` and a 1-2 s retry, never
+    an `ok` that the exit would then cut without a hint."""
+    answer = await _drain_with_a_handshake_held(step, live)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    event = answer.split(b"\r\n\r\n", 1)[1]
+    fields = dict(line.split(b": ", 1) for line in event.strip().split(b"\n"))
+    assert fields[b"data"] == status("error").encode()
+    assert 1000 <= int(fields[b"retry"]) < 2000
+    assert b"<status>ok</status>" not in answer

@@ -21,7 +21,9 @@ from sisyphus.brokers.redis import RedisBroker
 from sisyphus.config import Settings
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.hub.hub import Hub
+from sisyphus.hub.states import State
 from sisyphus.metrics import Metrics
+from sisyphus.protocol import sse
 from sisyphus.protocol.auth import Authenticator, TokenVerifier, VerificationKey
 from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.server.api import Api
@@ -236,8 +238,13 @@ class Service:
         for index in range(batches):
             for sub in subs[index::batches]:
                 # Per-connection jitter on top of the spread closes: no reconnect storm.
-                farewell = b": shutting down\nretry: %d\n\n" % shutdown_retry_ms()
-                self.streams.lifecycle.close(sub, farewell)
+                if sub.state is State.STARTING:  # no answer yet: refused like a new stream
+                    self.streams.lifecycle.end(
+                        sub, sse.Status.ERROR, "shutting_down", shutdown_retry_ms()
+                    )
+                else:
+                    farewell = b": shutting down\nretry: %d\n\n" % shutdown_retry_ms()
+                    self.streams.lifecycle.close(sub, farewell)
             if index + 1 < batches:
                 await asyncio.sleep(window / batches)
         log.info("drained %d streams", len(subs))

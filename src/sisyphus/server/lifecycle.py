@@ -101,8 +101,17 @@ class Lifecycle:
             _abort(transport)
 
     # Ending ------------------------------------------------------------------
-    def end(self, sub: Subscriber, status: sse.Status, reason: str | None = None) -> None:
-        """Send ``status`` after what is pending, then close; from any state, never raises."""
+    def end(
+        self,
+        sub: Subscriber,
+        status: sse.Status,
+        reason: str | None = None,
+        retry_ms: int | None = None,
+    ) -> None:
+        """Send ``status`` after what is pending, then close; from any state, never raises.
+
+        ``retry_ms`` overrides the status's usual hint (a draining process sends its own).
+        """
         was = sub.state
         if was is State.CLOSED:
             return
@@ -117,7 +126,7 @@ class Lifecycle:
             frame = sse.encode_status(
                 sub.last_id,
                 status,
-                self.retry_ms(status),
+                self.retry_ms(status) if retry_ms is None else retry_ms,
                 json_flavour=sub.json_flavour,
                 reason=reason,
             )

@@ -246,6 +246,10 @@ class Streams:
         """
         if sub.state is not State.STARTING:
             return  # ended meanwhile (client gone, rights emptied, broker lost)
+        if self.stopping:
+            # The handshake began before the stop: no `ok` that the exit would cut.
+            self.lifecycle.end(sub, sse.Status.ERROR, "shutting_down", shutdown_retry_ms())
+            return
         own = user_channel(sub.user_id)
         cut = len(messages)
         for index, message in enumerate(messages):
