@@ -172,7 +172,6 @@ class Service:
                 "trusted and ANYONE CAN LISTEN AS ANYONE. Never expose this to a network."
             )
         log.info("listening on http://%s:%d", settings.host, self.port)
-        notify("READY=1")
 
     async def _sweep(self) -> None:
         """The one periodic tick: keep-alives, expired tokens, slow request heads."""
@@ -264,6 +263,7 @@ class Service:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        notify("READY=1")  # listening, and a SIGTERM from now on drains
         await first.wait()
         log.info("stopping: draining %d streams", self.hub.stream_count())
         draining = loop.create_task(self.drain())
