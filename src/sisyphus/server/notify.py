@@ -1,8 +1,9 @@
 """Telling systemd (``Type=notify``) that the service listens, and that it stops.
 
-``systemctl start`` returns once ``READY=1`` arrived, so a deploy script can start
-the next process and only then stop the old one (see docs/operations.md). Without
-``NOTIFY_SOCKET`` in the environment (not under systemd) nothing is sent.
+``systemctl start`` returns once ``READY=1`` arrived (the port listens and a SIGTERM
+drains), so a deploy script can start the next process and only then stop the old one
+(see docs/operations.md). Without ``NOTIFY_SOCKET`` in the environment (not under
+systemd) nothing is sent.
 """
 
 from __future__ import annotations
