@@ -41,8 +41,10 @@ class Served:
         self.log = b""
 
 
-async def start_serve(*args: str, env: dict[str, str] | None = None) -> Served:
-    port = free_port()
+async def start_serve(
+    *args: str, env: dict[str, str] | None = None, port: int | None = None
+) -> Served:
+    port = port or free_port()
     process = await asyncio.create_subprocess_exec(
         *SISYPHUS, "serve", "--port", str(port), "--keepalive", "0.5", *args,
         stderr=asyncio.subprocess.PIPE,

@@ -138,6 +138,15 @@ def _secret(text: str) -> str | None:
     return text
 
 
+def _yes_no(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"yes", "true", "1", "on"}:
+        return True
+    if value in {"no", "false", "0", "off", ""}:
+        return False
+    raise ValueError("must be yes or no")
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
@@ -229,6 +238,13 @@ class Settings:
 
     host: str = _setting("127.0.0.1", _host, "address to listen on", "HOST")
     port: int = _setting(3001, _port, "port to listen on (0 picks a free one)", "PORT")
+    reuse_port: bool = _setting(
+        False,
+        _yes_no,
+        "yes: bind with SO_REUSEPORT, so a new process can take over the port while the old "
+        "one drains (a restart without refused connects)",
+        "yes|no",
+    )
     redis_url: str | None = _setting(
         None,
         _redis_url,

@@ -21,6 +21,7 @@ from sisyphus.brokers.redis import RedisBroker
 from sisyphus.config import Settings
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.hub.hub import Hub
+from sisyphus.hub.states import State
 from sisyphus.hub.subscriber import Subscriber
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import sse
@@ -28,13 +29,13 @@ from sisyphus.protocol.auth import Authenticator, TokenVerifier, VerificationKey
 from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.server.api import Api
 from sisyphus.server.connection import HttpConnection
+from sisyphus.server.lifecycle import shutdown_retry_ms
+from sisyphus.server.notify import notify
 from sisyphus.server.ops import Ops
 from sisyphus.server.streams import Streams
 
 log = logging.getLogger("sisyphus")
 
-# Reconnect hint sent at shutdown: clients come back after 1 to 2 s and resume by id.
-RECONNECT_HINT_MS = 1000
 # Closes during the drain window happen in steps this far apart.
 DRAIN_STEP_SECONDS = 0.05
 
@@ -160,6 +161,7 @@ class Service:
             settings.host,
             settings.port,
             reuse_address=True,
+            reuse_port=settings.reuse_port or None,
             backlog=4096,
         )
         self._sweeper = loop.create_task(self._sweep())
@@ -208,6 +210,7 @@ class Service:
     async def stop(self) -> None:
         """Stop at once: stop accepting, close every stream, disconnect the broker."""
         self.accepting = False
+        self.streams.stopping = True
         if self._server is not None:
             self._server.close()
         if self._sweeper is not None:
@@ -225,10 +228,17 @@ class Service:
 
     async def drain(self) -> None:
         """Graceful stop: stop accepting, send every stream a reconnect hint, close them
-        spread over the drain window (clients resume by id), then stop."""
-        self.accepting = False
+        spread over the drain window (clients resume by id), then stop.
+
+        The listener closes first, so that a process started with ``--reuse-port`` on the
+        same port gets every new connection; streams that still arrive on kept-alive
+        connections are refused with the same reconnect hint (``Streams.stopping``).
+        """
+        self.accepting = False  # /readyz is 503 from now on, on every connection
+        self.streams.stopping = True
+        notify("STOPPING=1")
         if self._server is not None:
-            self._server.close()  # no new connections; /readyz is 503 from now on
+            self._server.close()
         subs = self.hub.subscribers()
         random.shuffle(subs)
         window = self.settings.shutdown_drain
@@ -236,8 +246,13 @@ class Service:
         for index in range(batches):
             for sub in subs[index::batches]:
                 # Per-connection jitter on top of the spread closes: no reconnect storm.
-                retry = RECONNECT_HINT_MS + random.randrange(RECONNECT_HINT_MS)  # noqa: S311
-                self.streams.lifecycle.close(sub, b": shutting down\nretry: %d\n\n" % retry)
+                if sub.state is State.STARTING:  # no answer yet: refused like a new stream
+                    self.streams.lifecycle.end(
+                        sub, sse.Status.ERROR, "shutting_down", shutdown_retry_ms()
+                    )
+                else:
+                    farewell = b": shutting down\nretry: %d\n\n" % shutdown_retry_ms()
+                    self.streams.lifecycle.close(sub, farewell)
             if index + 1 < batches:
                 await asyncio.sleep(window / batches)
         log.info("drained %d streams", len(subs), extra={"streams": len(subs)})
@@ -257,6 +272,7 @@ class Service:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        notify("READY=1")  # listening, and a SIGTERM from now on drains
         await first.wait()
         count = self.hub.stream_count()
         log.info("stopping: draining %d streams", count, extra={"streams": count})

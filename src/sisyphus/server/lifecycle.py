@@ -25,8 +25,16 @@ from sisyphus.protocol import sse
 
 log = logging.getLogger("sisyphus.lifecycle")
 
+# Reconnect hint of a stopping process: clients come back after 1 to 2 s and resume by id.
+RECONNECT_HINT_MS = 1000
+
 # Closed streams tolerated in the expiry heap before it is rebuilt without them.
 EXPIRY_SLACK = 64
+
+
+def shutdown_retry_ms() -> int:
+    """The ``retry:`` of a stream ended or refused by a stop, jittered per connection."""
+    return RECONNECT_HINT_MS + random.randrange(RECONNECT_HINT_MS)  # noqa: S311 - jitter
 
 
 class StreamTransport(Transport, Protocol):
@@ -73,12 +81,17 @@ class Lifecycle:
         status: sse.Status,
         reason: str,
         json_flavour: bool,
+        retry_ms: int | None = None,
     ) -> None:
-        """Answer a connect that has no subscriber yet: head, closing status, close."""
+        """Answer a connect that has no subscriber yet: head, closing status, close.
+
+        ``retry_ms`` overrides the status's usual hint (a draining process sends its own).
+        """
         self.count(status)
         try:
+            retry = self.retry_ms(status) if retry_ms is None else retry_ms
             frame = sse.encode_status(
-                event_id, status, self.retry_ms(status), json_flavour=json_flavour, reason=reason
+                event_id, status, retry, json_flavour=json_flavour, reason=reason
             )
             if not transport.is_closing():
                 transport.write(head + frame)
@@ -88,8 +101,17 @@ class Lifecycle:
             _abort(transport)
 
     # Ending ------------------------------------------------------------------
-    def end(self, sub: Subscriber, status: sse.Status, reason: str | None = None) -> None:
-        """Send ``status`` after what is pending, then close; from any state, never raises."""
+    def end(
+        self,
+        sub: Subscriber,
+        status: sse.Status,
+        reason: str | None = None,
+        retry_ms: int | None = None,
+    ) -> None:
+        """Send ``status`` after what is pending, then close; from any state, never raises.
+
+        ``retry_ms`` overrides the status's usual hint (a draining process sends its own).
+        """
         was = sub.state
         if was is State.CLOSED:
             return
@@ -104,7 +126,7 @@ class Lifecycle:
             frame = sse.encode_status(
                 sub.last_id,
                 status,
-                self.retry_ms(status),
+                self.retry_ms(status) if retry_ms is None else retry_ms,
                 json_flavour=sub.json_flavour,
                 reason=reason,
             )

@@ -35,7 +35,7 @@ from sisyphus.protocol.resume import (
     start_position,
 )
 from sisyphus.server import replay
-from sisyphus.server.lifecycle import Lifecycle, StreamTransport
+from sisyphus.server.lifecycle import Lifecycle, StreamTransport, shutdown_retry_ms
 from sisyphus.server.refresh import Refresher, readable
 
 log = logging.getLogger("sisyphus.streams")
@@ -102,6 +102,9 @@ class Streams:
         self.lifecycle = Lifecycle(settings, hub, metrics, wall_clock)
         self.refresher = Refresher(settings, broker, hub, metrics, self.lifecycle, loop)
         self._dev_warned_at = -DEV_MODE_WARNING_INTERVAL
+        # Set when a stop begins: from then on every new stream, on any connection, is
+        # refused with the shutdown's reconnect hint.
+        self.stopping = False
 
     # Opening ---------------------------------------------------------------
     async def open(
@@ -127,6 +130,11 @@ class Streams:
             claimed.encode() if claimed is not None else self._hub.current_id(),
             started,
         )
+        if self.stopping:
+            # A kept-alive connection (a proxy's upstream pool) may still bring streams
+            # after the listener closed: send them on to the next process.
+            self._refuse(attempt, sse.Status.ERROR, "shutting_down", shutdown_retry_ms())
+            return
         try:
             identity = self._auth.identify(request)
         except AuthFailure as failure:
@@ -260,6 +268,10 @@ class Streams:
         """
         if sub.state is not State.STARTING:
             return  # ended meanwhile (client gone, rights emptied, broker lost)
+        if self.stopping:
+            # The handshake began before the stop: no `ok` that the exit would cut.
+            self.lifecycle.end(sub, sse.Status.ERROR, "shutting_down", shutdown_retry_ms())
+            return
         own = user_channel(sub.user_id)
         notice: int | None = None
         for index, message in enumerate(messages):
@@ -282,9 +294,17 @@ class Streams:
             sub.held = messages[cut:]
             self.refresher.on_user_message(sub.user_id, since)
 
-    def _refuse(self, attempt: _Attempt, status: sse.Status, reason: str) -> None:
+    def _refuse(
+        self, attempt: _Attempt, status: sse.Status, reason: str, retry_ms: int | None = None
+    ) -> None:
         self.lifecycle.refuse(
-            attempt.transport, attempt.head, attempt.position, status, reason, attempt.json_flavour
+            attempt.transport,
+            attempt.head,
+            attempt.position,
+            status,
+            reason,
+            attempt.json_flavour,
+            retry_ms,
         )
 
     def _over_limits(self, user_id: str, attempt: _Attempt) -> bool:
