@@ -332,7 +332,25 @@ def _now_id(epoch: bytes, seq: bytes | None) -> str:
     return EventId(epoch.decode(), int(seq or 0), int(time.time())).encode().decode()
 
 
-class AsyncHttpPublisher:
+class _AsyncClosing:
+    """``async with`` for the async helpers: ``aclose()`` at the end."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class AsyncHttpPublisher(_AsyncClosing):
     """:class:`HttpPublisher` for asyncio, on an ``httpx2.AsyncClient`` (``sisyphus[async]``).
 
     One client (one connection pool) per publisher: create it once, at the
@@ -389,19 +407,8 @@ class AsyncHttpPublisher:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def __aenter__(self) -> Self:
-        return self
 
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class AsyncRedisPublisher:
+class AsyncRedisPublisher(_AsyncClosing):
     """:class:`RedisPublisher` for asyncio, on ``redis.asyncio`` (same script, same retention)."""
 
     def __init__(
@@ -452,17 +459,6 @@ class AsyncRedisPublisher:
         await self._redis.aclose()
         for sentinel in self._sentinels:
             await sentinel.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def connect(

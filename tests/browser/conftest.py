@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import threading
 import time
 import urllib.parse
@@ -22,22 +21,7 @@ from typing import Any
 import pytest
 
 from sisyphus.client import mint_token
-
-CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # Tabs in the background keep their timers: the tests watch several at once.
-    "--disable-background-timer-throttling",
-    "--disable-renderer-backgrounding",
-    "--disable-backgrounding-occluded-windows",
-]
+from tests.support.browser import CHROMIUM_ARGS, chromium_binary
 
 HARNESS = """<!doctype html>
 <meta charset="utf-8">
@@ -67,13 +51,6 @@ window.sub = connect(q.get("stream"), options);
 """
 
 
-def chromium_path() -> str | None:
-    for candidate in CHROMIUM_CANDIDATES:
-        if Path(candidate).exists():
-            return candidate
-    return shutil.which("chromium")
-
-
 # CI sets this: there, a missing Chromium or Playwright fails the browser tests.
 REQUIRE_ENV = "SISYPHUS_REQUIRE_BROWSER"
 NO_CHROMIUM = "no Chromium found (apt-get install chromium)"
@@ -81,7 +58,7 @@ NO_CHROMIUM = "no Chromium found (apt-get install chromium)"
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test here is a browser test; without a Chromium they skip, saying why."""
-    path = chromium_path()
+    path = chromium_binary()
     here = Path(__file__).parent
     for item in items:
         if here not in item.path.parents:
@@ -161,7 +138,7 @@ def page_server() -> Iterator[PageServer]:
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     """A fresh headless Chromium (temporary profile) driven by Playwright."""
-    path = chromium_path()
+    path = chromium_binary()
     if path is None:
         pytest.fail(NO_CHROMIUM)  # only reached with SISYPHUS_REQUIRE_BROWSER set
     try:
