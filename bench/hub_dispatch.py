@@ -1,6 +1,6 @@
 """The Python cost of the hot path alone: dispatch + flush to N subscribers, no sockets.
 
-    python bench/hub_dispatch.py [--subscribers 10000] [--messages 200] [--burst 1] [--repeat 1]
+    python bench/hub_dispatch.py [--subscribers 10000] [--messages 200] [--burst 1] [--plain] [--repeat 1]
 
 Subscribers write into a transport that only counts bytes, so what is measured is the
 hub's own work per delivery (encode once, queue, one write per subscriber per flush).
@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--burst", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--plain", action="store_true", help="plain PUBLISH messages (no seq): each stream's id"
+    )
     args = parser.parse_args()
     scheduled: list[Callable[[], None]] = []
     hub = Hub(Sink(), scheduled.append, time.monotonic, Metrics(), lambda u, p: None, time.time)
@@ -55,7 +58,10 @@ def main() -> None:
         start = time.perf_counter()
         for index in range(0, args.messages, args.burst):
             for seq in range(index, index + args.burst):
-                hub.dispatch("room:1", payload, seq + 1, b"e", 1)
+                if args.plain:
+                    hub.dispatch("room:1", payload)
+                else:
+                    hub.dispatch("room:1", payload, seq + 1, b"e", 1)
             for callback in scheduled:
                 callback()
             scheduled.clear()
