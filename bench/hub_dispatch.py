@@ -1,6 +1,7 @@
 """The Python cost of the hot path alone: dispatch + flush to N subscribers, no sockets.
 
-    python bench/hub_dispatch.py [--subscribers 10000] [--messages 200] [--burst 1] [--plain] [--repeat 1]
+    python bench/hub_dispatch.py [--subscribers 10000] [--messages 200] [--burst 1]
+                                 [--plain] [--repeat 1]
 
 Subscribers write into a transport that only counts bytes, so what is measured is the
 hub's own work per delivery (encode once, queue, one write per subscriber per flush).
