@@ -13,6 +13,7 @@ import pytest
 from sisyphus import client as helper
 from sisyphus import logs
 from tests.server.test_api import raw_request
+from tests.support.redis_server import RedisServer
 from tests.support.sse_client import SseClient, status
 from tests.test_cli import KEY, start_serve, stop_serve
 
@@ -124,3 +125,35 @@ async def test_a_serving_process_logs_no_token_key_or_cookie(format: str, via: s
         assert any(e["event"] == "bad request" and "peer" in e for e in events)
     else:
         assert not any(line.startswith("{") for line in lines)
+
+
+def test_a_url_password_holding_at_signs_is_scrubbed_whole() -> None:
+    """A password may hold "@": nothing of it shows, whatever the URL's scheme."""
+    for url in (
+        "redis://:p@ss@hunter2@localhost:6379/0",
+        "redis://admin:p@ss@hunter2@localhost:6379/0",
+        "redis+sentinel://:p@ss@hunter2@h1:26379,h2:26379/mymaster",
+    ):
+        text = emit("text", "connecting to %s", url)
+        assert "hunter2" not in text and "ss@" not in text
+        assert "localhost:6379/0" in text or "h1:26379,h2:26379/mymaster" in text
+
+
+async def test_a_serving_process_logs_no_part_of_a_redis_password_with_at_signs() -> None:
+    """The startup line names the Redis it uses, never any part of its password."""
+    password = "p@ss@hunter2-secret"
+    server = RedisServer(password=password)
+    server.start()
+    served = await start_serve(
+        "--redis", f"redis://:{password}@127.0.0.1:{server.port}/0", "--log-level", "debug"
+    )
+    try:
+        publisher = helper.HttpPublisher(served.url)
+        await asyncio.to_thread(publisher.publish, "room:1", "x")
+    finally:
+        await stop_serve(served)
+        server.close()
+    assert served.process.stderr is not None
+    output = (served.log + await served.process.stderr.read()).decode()
+    assert f"127.0.0.1:{server.port}/0" in output
+    assert "hunter2" not in output and "ss@" not in output

@@ -90,11 +90,15 @@ def _api_key(text: str) -> str | None:
     return text
 
 
-def _redact_password(text: str) -> str:
-    """A URL as it may be shown in a message: any password replaced by ***."""
+def redact_password(text: str) -> str:
+    """A URL as it may be shown in a message or a log: its credentials replaced by ***.
+
+    The credentials end at the last ``@`` of the authority: a password may hold ``@``.
+    """
     scheme, sep, rest = text.partition("://")
-    if sep and "@" in rest:
-        return scheme + sep + "***@" + rest.rsplit("@", 1)[1]
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        return scheme + sep + "***@" + authority.rpartition("@")[2] + slash + path
     return text
 
 
@@ -251,7 +255,7 @@ class Settings:
         "Redis/Valkey URL such as redis://localhost:6379/0; without it the embedded broker runs",
         "URL",
         flag="--redis",
-        shown=lambda text: repr(_redact_password(text)),
+        shown=lambda text: repr(redact_password(text)),
     )
     keepalive: float = _setting(
         15.0, _positive_float, "seconds of silence before a noop", "SECONDS"

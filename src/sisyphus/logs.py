@@ -35,7 +35,8 @@ _SCRUB = (
         ),
         r"\1\2***",
     ),
-    (re.compile(r"://[^/\s:@]*:[^/\s@]+@"), "://***@"),  # a password in a URL
+    # Credentials in a URL: up to the authority's last "@", since a password may hold "@".
+    (re.compile(r"://[^/\s]*@"), "://***@"),
 )
 
 # The names a LogRecord carries by itself; every other attribute came from ``extra``.

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from sisyphus.brokers.base import Broker
 from sisyphus.brokers.memory import MemoryBroker
 from sisyphus.brokers.redis import RedisBroker
-from sisyphus.config import Settings
+from sisyphus.config import Settings, redact_password
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.hub.hub import Hub
 from sisyphus.hub.states import State
@@ -172,7 +172,7 @@ class Service:
                 "publish and grant through the HTTP API or `sisyphus publish/grant`"
             )
         else:
-            log.info("broker: redis at %s", _redact_url(settings.redis_url or ""))
+            log.info("broker: redis at %s", redact_password(settings.redis_url or ""))
         if settings.api_key is None:
             log.warning("no API key: only loopback clients may publish, grant or revoke")
         if self.authenticator.development_mode:
@@ -294,14 +294,6 @@ class Service:
         else:
             draining.result()
         log.info("stopped")
-
-
-def _redact_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
 
 
 def run(settings: Settings) -> None:
