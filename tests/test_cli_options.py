@@ -95,6 +95,11 @@ async def test_redis_url_may_come_from_the_variable(
             "sisyphus serve: SISYPHUS_PREVIOUS_SECRET is set without SISYPHUS_SECRET",
         ),
         (
+            ("serve", "--reuse-port", "yes"),
+            {},
+            "sisyphus serve: SISYPHUS_REUSE_PORT=yes needs SISYPHUS_REDIS_URL",
+        ),
+        (
             ("publish", "room:1", "x", "--redis", "localhost:6379"),
             {},
             "sisyphus publish: --redis='localhost:6379' is invalid: Redis URL must specify",

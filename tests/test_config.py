@@ -305,6 +305,11 @@ def test_config_error_is_a_sisyphus_error() -> None:
             "SISYPHUS_PREVIOUS_SECRET needs SISYPHUS_PREVIOUS_SECRET_UNTIL",
         ),
         (
+            {"SISYPHUS_REUSE_PORT": "yes"},
+            "SISYPHUS_REUSE_PORT=yes needs SISYPHUS_REDIS_URL: with the embedded broker, "
+            "processes sharing the port would not share messages",
+        ),
+        (
             {"SISYPHUS_CORS_ORIGINS": "*,https://a.test"},
             "SISYPHUS_CORS_ORIGINS: use either * or a list of origins, not both",
         ),

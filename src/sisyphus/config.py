@@ -246,7 +246,7 @@ class Settings:
         False,
         _yes_no,
         "yes: bind with SO_REUSEPORT, so a new process can take over the port while the old "
-        "one drains (a restart without refused connects)",
+        "one drains (a restart without refused connects); needs --redis",
         "yes|no",
     )
     redis_url: str | None = _setting(
@@ -580,5 +580,12 @@ def _check_consistency(settings: Settings) -> None:
         )
     if settings.previous_secret and settings.previous_secret_until is None:
         raise ConfigError("SISYPHUS_PREVIOUS_SECRET needs SISYPHUS_PREVIOUS_SECRET_UNTIL")
+    if settings.reuse_port and settings.redis_url is None:
+        # Two processes on one port with embedded brokers would each keep their own
+        # messages: a client would miss what was published through the other one.
+        raise ConfigError(
+            "SISYPHUS_REUSE_PORT=yes needs SISYPHUS_REDIS_URL: with the embedded broker, "
+            "processes sharing the port would not share messages"
+        )
     if "*" in settings.cors_origins and len(settings.cors_origins) > 1:
         raise ConfigError("SISYPHUS_CORS_ORIGINS: use either * or a list of origins, not both")
