@@ -316,7 +316,8 @@ class Settings:
         (),
         _csv,
         "origins allowed to connect from other sites, comma-separated, or * "
-        "(then without credentials); none by default",
+        "(then without credentials, and streams only: the API takes a listed origin); "
+        "none by default",
         "LIST",
     )
     retry_ms: int = _setting(

@@ -297,6 +297,31 @@ async def test_api_refuses_requests_from_web_pages_of_unlisted_origins(
     assert b"Access-Control-Allow-Origin: https://app.test\r\n" in answer
 
 
+async def test_a_wildcard_origin_list_opens_streams_never_the_api(
+    make_service: ServiceFactory,
+) -> None:
+    """With `--cors-origins '*'` and no key, any site's page may read streams, but its
+    API requests (and their preflights) get 403 and change nothing."""
+    service = await make_service(cors_origins=("*",))
+    body = b'{"user": "1", "channels": ["room:5"]}'
+    origin = "Origin: https://evil.test"
+    answer = await raw_request(
+        service.port,
+        api_request(body, "Content-Type: application/json", origin, route="/api/grant"),
+    )
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"origin not allowed" in answer
+    preflight = b"OPTIONS %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%s\r\n"
+    preflight += b"Access-Control-Request-Method: POST\r\n\r\n"
+    answer = await raw_request(service.port, preflight % (b"/api/grant", origin.encode()))
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    answer = await raw_request(service.port, preflight % (b"/", origin.encode()))
+    assert answer.startswith(b"HTTP/1.1 204 ")
+    client = await SseClient.open(service.port, "user=1", headers={"Origin": "https://evil.test"})
+    assert [e.data for e in await client.until_closed()] == [status("failure")]
+    assert client.headers["access-control-allow-origin"] == "*"
+
+
 async def test_api_refuses_any_origin_when_none_is_configured(service: Service) -> None:
     """Without an allow-list, every request carrying an Origin (a web page's) gets 403."""
     answer = await raw_request(

@@ -2,10 +2,11 @@
 
 Origins are configured (none by default). A listed origin is echoed back with
 ``Access-Control-Allow-Credentials: true`` so cookies and Authorization work;
-``*`` allows any origin but never with credentials, as the Fetch standard
-requires. Once any origin is configured, every answer (streams, API, errors,
-preflights, operator endpoints) carries ``Vary: Origin``: what it holds depends
-on the request's ``Origin``, so a cache must not hand one origin's answer to another.
+``*`` allows any origin to open streams but never with credentials, as the Fetch
+standard requires, and never to call the API: that takes a listed origin. Once any
+origin is configured, every answer (streams, API, errors, preflights, operator
+endpoints) carries ``Vary: Origin``: what it holds depends on the request's
+``Origin``, so a cache must not hand one origin's answer to another.
 """
 
 from __future__ import annotations
@@ -37,7 +38,16 @@ class CorsPolicy:
         return self._any or bool(self._origins)
 
     def allows(self, origin: str | None) -> bool:
+        """Whether a page of ``origin`` may open streams (``*`` admits any)."""
         return origin is not None and (self._any or origin in self._origins)
+
+    def lists(self, origin: str | None) -> bool:
+        """Whether ``origin`` is named in the list: what the API asks of a web page.
+
+        ``*`` opens streams to every site (without credentials), never the API: with it, any
+        page a user visits could publish and change rights through the key-less API.
+        """
+        return origin is not None and origin in self._origins
 
     def headers(self, origin: str | None) -> Headers:
         """Headers to add to a response for a request from ``origin`` (``None``: no Origin)."""
@@ -53,10 +63,10 @@ class CorsPolicy:
             )
         return _VARY
 
-    def preflight(self, request: http.Request) -> bytes:
-        """The answer to an ``OPTIONS`` preflight request."""
+    def preflight(self, request: http.Request, *, api: bool = False) -> bytes:
+        """The answer to an ``OPTIONS`` preflight request (``api``: for an API route)."""
         origin = request.headers.get("origin")
-        if not self.allows(origin):
+        if not (self.lists(origin) if api else self.allows(origin)):
             return http.response(
                 HTTPStatus.FORBIDDEN,
                 b'{"error": "origin not allowed"}',

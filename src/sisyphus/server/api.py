@@ -12,10 +12,11 @@ answers the id of "now", for a page to resume its first stream from.
 Bodies must be sent as ``Content-Type: application/json`` (415 otherwise): a web
 page can't send that type across origins without a preflight, which only listed
 origins pass. A request with an ``Origin`` outside the configured list is refused
-(403), unless it is the service's own origin (a page it served: the demo). Without
-a configured key only loopback clients may call it, and only with a loopback ``Host``
-(``localhost``, ``127.x.y.z``, ``[::1]``), so that a page whose domain was re-pointed
-at 127.0.0.1 (DNS rebinding) can't reach it either.
+(403; ``*`` in the list opens streams to every site, not the API), unless it is the
+service's own origin (a page it served: the demo). Without a configured key only
+loopback clients may call it, and only with a loopback ``Host`` (``localhost``,
+``127.x.y.z``, ``[::1]``), so that a page whose domain was re-pointed at 127.0.0.1
+(DNS rebinding) can't reach it either.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class Api:
         try:
             if (
                 origin is not None
-                and not self._cors.allows(origin)
+                and not self._cors.lists(origin)
                 and not same_origin(origin, request.headers.get("host"))
             ):
                 # A web page's request: only configured origins, and the service's own

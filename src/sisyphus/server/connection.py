@@ -260,7 +260,7 @@ class HttpConnection(asyncio.Protocol):
                 if request.method == "OPTIONS" and (
                     request.path == STREAM_PATH or request.path in api.ROUTES
                 ):
-                    answer = service.cors.preflight(request)
+                    answer = service.cors.preflight(request, api=request.path != STREAM_PATH)
                 elif request.path == STREAM_PATH:
                     if request.method != "GET":
                         answer = http.response(
