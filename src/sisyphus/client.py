@@ -192,12 +192,12 @@ def _connect_redis(url: str, timeout: float) -> redis.Redis:
     topology = parse_broker_url(url)
     if not topology.uses_sentinel:
         return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-    # redis-py's sentinel module has no type hints.
-    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    # redis-py before 8 has no type hints in its sentinel module; 8 has them.
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(topology.sentinels), socket_timeout=timeout, socket_connect_timeout=timeout
     )
     params = topology.params
-    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         topology.master_name,
         db=params.get("db", 0),
         username=params.get("username"),
@@ -218,7 +218,7 @@ def _connect_async_redis(
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         return plain, []
-    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(topology.sentinels), socket_timeout=timeout, socket_connect_timeout=timeout
     )
     params = topology.params

@@ -116,6 +116,39 @@ async def test_draining_process_refuses_streams_on_kept_alive_connections() -> N
         await stop_serve(served)
 
 
+async def test_a_kept_alive_connection_without_streams_is_answered_through_the_drain() -> None:
+    """With no stream but a kept-alive connection (a proxy's, an API client's), the process
+    keeps answering it through the drain window (readiness 503), then exits 0."""
+    served = await start_serve("--shutdown-drain", "3", "--shutdown-timeout", "20")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        head, _ = await _get(reader, writer, "/readyz")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        served.process.send_signal(signal.SIGTERM)
+        await _wait_refused(served.port)  # the listener is closed: the drain has begun
+        await asyncio.sleep(0.5)
+        head, body = await _get(reader, writer, "/readyz")
+        assert head.startswith(b"HTTP/1.1 503 "), head
+        assert body == b'{"status": "stopping"}'
+        assert served.process.returncode is None
+        writer.close()
+        assert await asyncio.wait_for(served.process.wait(), 20) == 0
+    finally:
+        await stop_serve(served)
+
+
+@pytest.mark.parametrize("attempt", range(4))
+async def test_a_sigterm_right_after_listening_drains_and_ends_at_once(attempt: int) -> None:
+    """A SIGTERM as soon as the port listens is a graceful stop (exit 0, never killed by
+    the signal), and with no connection open it doesn't wait the drain window out."""
+    served = await start_serve("--shutdown-drain", "60", "--shutdown-timeout", "120")
+    try:
+        served.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(served.process.wait(), 20) == 0
+    finally:
+        await stop_serve(served)
+
+
 async def _wait_refused(port: int) -> None:
     deadline = asyncio.get_running_loop().time() + 10
     while True:

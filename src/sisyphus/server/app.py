@@ -93,6 +93,8 @@ class Service:
         self._sweeper: asyncio.Task[None] | None = None
         # Connections still sending a request head, and since when (loop clock).
         self.handshakes: dict[HttpConnection, float] = {}
+        self.open_connections = 0  # HTTP connections of any kind, streams included
+        self.no_connections = asyncio.Event()  # set when the last one closes
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.cors = CorsPolicy(settings.cors_origins)
@@ -232,7 +234,8 @@ class Service:
 
         The listener closes first, so that a process started with ``--reuse-port`` on the
         same port gets every new connection; streams that still arrive on kept-alive
-        connections are refused with the same reconnect hint (``Streams.stopping``).
+        connections are refused with the same reconnect hint (``Streams.stopping``). The
+        window lasts while any connection is open; with none left the process stops at once.
         """
         self.accepting = False  # /readyz is 503 from now on, on every connection
         self.streams.stopping = True
@@ -242,6 +245,7 @@ class Service:
         subs = self.hub.subscribers()
         random.shuffle(subs)
         window = self.settings.shutdown_drain
+        until = self.loop.time() + window
         batches = max(1, min(len(subs), int(window / DRAIN_STEP_SECONDS)))
         for index in range(batches):
             for sub in subs[index::batches]:
@@ -255,14 +259,19 @@ class Service:
                     self.streams.lifecycle.close(sub, farewell)
             if index + 1 < batches:
                 await asyncio.sleep(window / batches)
+        # The window stays open while anyone is still connected (a kept-alive API client, a
+        # proxy's idle upstream connection): they get answers (readiness 503, refusals with a
+        # reconnect hint) until it ends, not a reset. With nobody left, stop at once.
+        if self.open_connections:
+            self.no_connections.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.no_connections.wait(), until - self.loop.time())
         log.info("drained %d streams", len(subs), extra={"streams": len(subs)})
         await self.stop()
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain within shutdown_timeout; a second signal
         stops at once."""
-        await self.start()
-        gc.freeze()  # what start-up allocated is permanent: keep it out of every collection
         loop = asyncio.get_running_loop()
         first = asyncio.Event()
         second = asyncio.Event()
@@ -270,8 +279,11 @@ class Service:
         def on_signal() -> None:
             (second if first.is_set() else first).set()
 
+        # Before listening: a SIGTERM right after "listening on" drains, never kills.
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        await self.start()
+        gc.freeze()  # what start-up allocated is permanent: keep it out of every collection
         notify("READY=1")  # listening, and a SIGTERM from now on drains
         await first.wait()
         count = self.hub.stream_count()

@@ -77,6 +77,7 @@ class HttpConnection(asyncio.Protocol):
         self.subscriber: Subscriber | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._service.open_connections += 1
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         settings = self._service.settings
@@ -338,6 +339,9 @@ class HttpConnection(asyncio.Protocol):
             self._task = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._service.open_connections -= 1
+        if not self._service.open_connections:
+            self._service.no_connections.set()
         self._service.handshakes.pop(self, None)
         self._reader = None
         self._queue.clear()
