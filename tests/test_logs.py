@@ -127,6 +127,19 @@ async def test_a_serving_process_logs_no_token_key_or_cookie(format: str, via: s
         assert not any(line.startswith("{") for line in lines)
 
 
+def test_other_token_names_basic_auth_and_later_cookies_are_scrubbed() -> None:
+    """id_token=, refresh_token=, Basic credentials and a token cookie after another one."""
+    text = emit(
+        "json",
+        "oops %s %s %s",
+        "/cb?id_token=idtok-secret&refresh_token=refresh-secret",
+        "Authorization: Basic dXNlcjpiYXNpYy1zZWNyZXQ=",
+        "Cookie: theme=dark; sisyphus_token=cookie-secret",
+    )
+    for secret in ("idtok-secret", "refresh-secret", "dXNlcjpiYXNpYy1zZWNyZXQ=", "cookie-secret"):
+        assert secret not in text
+
+
 def test_a_url_password_holding_at_signs_is_scrubbed_whole() -> None:
     """A password may hold "@": nothing of it shows, whatever the URL's scheme."""
     for url in (

@@ -27,10 +27,11 @@ FORMATS = ("text", "json")
 _SCRUB = (
     # A JWT (three base64url parts, the first a JSON header): whoever holds it may listen.
     (re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*"), "***"),
-    (re.compile(r"(?i)\b(bearer)\s+[^\s,;\"']+"), r"\1 ***"),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[^\s,;\"']+"), r"\1 ***"),
     (
         re.compile(
-            r"(?i)\b(token|access_token|api[_-]?key|secret|password|cookie|authorization)"
+            # \w*token: token, access_token, id_token, refresh_token, a cookie's name...
+            r"(?i)\b(\w*token|api[_-]?key|secret|password|cookie|authorization)"
             r"([=:]\s*)[^\s&;,\"']+"
         ),
         r"\1\2***",
