@@ -1,7 +1,8 @@
 """Turn the raw results into figures, one markdown table per scenario, and files.
 
 A figure is one labelled number per target; the table puts the targets side by side
-and, for every numeric figure, the ratio of each Sisyphus target to Nchan.
+and, for every numeric figure, the ratio of each Sisyphus target to Nchan (and of
+Sisyphus on Redis to Nchan on Redis).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 Figures = list[tuple[str, Any]]
 REFERENCE = "nchan"
+REDIS_REFERENCE = "nchan-redis"
 SATURATED_PCT = 90.0
 
 
@@ -118,6 +120,14 @@ def ratio(value: Any, reference: Any) -> str:
     return f"{value / reference:.2f}"
 
 
+def ratio_pairs(targets: list[str]) -> list[tuple[str, str]]:
+    """Each Sisyphus target against Nchan, and Sisyphus on Redis against Nchan on Redis."""
+    pairs = [(t, REFERENCE) for t in targets if t.startswith("sisyphus") and REFERENCE in targets]
+    if "sisyphus-redis" in targets and REDIS_REFERENCE in targets:
+        pairs.append(("sisyphus-redis", REDIS_REFERENCE))
+    return pairs
+
+
 def table(scenario: str, per_target: dict[str, Figures], targets: list[str]) -> str:
     labels: list[str] = []
     values: dict[str, dict[str, Any]] = {}
@@ -129,13 +139,13 @@ def table(scenario: str, per_target: dict[str, Figures], targets: list[str]) -> 
                 values[label] = {}
             after = labels.index(label)
             values[label][target] = value
-    ratio_of = [t for t in targets if t != REFERENCE] if REFERENCE in targets else []
-    head = ["figure", *targets, *(f"{t}/{REFERENCE}" for t in ratio_of)]
+    pairs = ratio_pairs(targets)
+    head = ["figure", *targets, *(f"{t}/{r}" for t, r in pairs)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in labels:
         row = values[label]
         cells = [label, *(fmt(row.get(t)) for t in targets)]
-        cells += [ratio(row.get(t), row.get(REFERENCE)) for t in ratio_of]
+        cells += [ratio(row.get(t), row.get(r)) for t, r in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

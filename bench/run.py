@@ -1,7 +1,7 @@
 """Benchmark Sisyphus against Nchan: one command, same scenarios, same client.
 
     .venv/bin/python bench/run.py [--quick] [--only S1,S2,S3,S4,S5]
-                                  [--targets sisyphus,nchan,sisyphus-redis]
+                                  [--targets sisyphus,nchan,sisyphus-redis,nchan-redis]
 
 Every figure has a flag; --quick picks small sizes and short steps (the whole suite in
 about three minutes) and explicit flags override it. Writes bench/results/bench-<time>.json
@@ -141,7 +141,7 @@ def describe(args: argparse.Namespace, plan: Plan, targets: list[Target]) -> dic
         f"server pinned to CPU {args.server_cpu} (taskset -c {args.server_cpu}); load generator "
         f"({args.workers} subscriber processes + 1 publisher + this coordinator) pinned to "
         f"CPU {args.load_cpu}"
-        + (f"; Valkey pinned to CPU {args.redis_cpu}" if "sisyphus-redis" in names else ""),
+        + (f"; Valkey pinned to CPU {args.redis_cpu}" if any("redis" in n for n in names) else ""),
         f"targets: {', '.join(names)}; preset: {'quick' if args.quick else 'full'}",
         f"keep-alive {args.keepalive:g} s on both servers; payload {plan.payload_bytes} bytes; "
         f"{plan.step_seconds:g} s per rate step",
@@ -156,7 +156,7 @@ def describe(args: argparse.Namespace, plan: Plan, targets: list[Target]) -> dic
         "nginx": version(["nginx", "-v"]),
         "nchan": version(["dpkg-query", "-W", "-f", "${Version}", "libnginx-mod-nchan"]),
     }
-    if "sisyphus-redis" in names:
+    if any("redis" in name for name in names):
         versions["valkey"] = version([valkey_binary(), "--version"])
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     return {

