@@ -122,6 +122,50 @@ async def test_ids_never_go_backwards_when_a_grant_races_publishes(service: Serv
     assert seen == sorted(seen), f"ids went backwards: {seen}"
 
 
+# A burst of messages on user:<id> -------------------------------------------------------
+
+
+async def test_a_burst_on_the_users_own_channel_is_delivered_and_keeps_the_stream(
+    service: Service,
+) -> None:
+    """Messages on user:<id> back to back (pipelined, so several arrive before the rights
+    refresh runs) all arrive in order; the stream stays open and gets later messages."""
+    await grant(service.port, "1", "room:1")
+    client = await connect_ok(service, "1")
+    for burst in range(5):
+        texts = [f"personal {burst}.{n}" for n in range(6)]
+        answer = await raw_request(
+            service.port,
+            pipelined(*(("/api/publish", {"channel": "user:1", "data": t}) for t in texts)),
+        )
+        assert answer.count(b"HTTP/1.1 200 OK") == len(texts)
+        assert [(await client.next_message()).data for _ in texts] == texts
+    await api(service.port, "/api/publish", {"channel": "room:1", "data": "after"})
+    assert (await client.next_message()).data == "after"
+    assert service.metrics.status_error == 0
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+async def test_a_plain_publish_burst_on_the_users_own_channel_keeps_the_stream(
+    service: Service,
+) -> None:
+    """The seed's way: the application PUBLISHes many notices on user:<id> in one
+    pipeline; every one arrives and the stream stays open."""
+    assert service.settings.redis_url is not None
+    plain = redis.Redis.from_url(service.settings.redis_url)
+    plain.sadd("user:1:channels", "room:1")
+    client = await connect_ok(service, "1")
+    texts = [f"notice {n}" for n in range(20)]
+    with plain.pipeline(transaction=False) as pipe:
+        for text in texts:
+            pipe.publish("user:1", text)
+        pipe.publish("room:1", "after")
+        pipe.execute()
+    assert [(await client.next_message()).data for _ in texts] == texts
+    assert (await client.next_message()).data == "after"
+    assert service.metrics.status_error == 0
+
+
 # 4. Two tabs of one user ----------------------------------------------------------------
 
 

@@ -102,7 +102,15 @@ class Refresher:
                 catches: dict[Subscriber, _Catch] = {}
                 if not await self._pass(user_id, since, catches):
                     return  # the streams were ended
-                self._release(user_id, since, catches)
+                kept_since = self._release(user_id, since, catches)
+                if kept_since is not None:
+                    # A stream stays held after a notice that arrived before this pass
+                    # started (a burst on user:<id>): one more pass releases it.
+                    pending = self._since.get(user_id)
+                    self._since[user_id] = (
+                        kept_since if pending is None else min(pending, kept_since)
+                    )
+                    self._again.add(user_id)
                 if user_id not in self._again:
                     break
         except Exception:
@@ -168,12 +176,15 @@ class Refresher:
                     catch.entries[entry.seq] = entry
         return True
 
-    def _release(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> None:
+    def _release(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> int | None:
         """Hand each held stream its replay and held messages in order, up to the last notice.
 
         What arrived after a later notice stays held for the next pass (that notice
-        may change the rights again); the rest is written now.
+        may change the rights again); the rest is written now. Returns the position of
+        the earliest notice a stream stays held at (the next pass starts there), or
+        ``None`` when every stream went live.
         """
+        kept_since: int | None = None
         epoch = self._hub.epoch
         own = user_channel(user_id)
         for sub in self._hub.streams_of(user_id):
@@ -191,6 +202,9 @@ class Refresher:
                 )
                 cut = len(messages) if notice is None else notice + 1
                 keep = None if notice is None else messages[cut:]
+                if notice is not None:
+                    at = messages[notice].position
+                    kept_since = at if kept_since is None else min(kept_since, at)
                 now = [message for message in messages[:cut] if message.channel in sub.channels]
                 out: list[bytes] = []
                 if catch is not None and catch.reset is not None:
@@ -209,6 +223,7 @@ class Refresher:
             except Exception:
                 log.exception("refresh user=%s: catching a stream up failed", user_id)
                 self._lifecycle.end(sub, sse.Status.ERROR, "internal_error")
+        return kept_since
 
     async def wait_idle(self) -> None:
         """Wait for running refreshes (used at shutdown)."""
