@@ -12,7 +12,7 @@ per channel (bounded by count and age) so streams can resume.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -89,6 +89,11 @@ class Broker(Protocol):
 
     async def user_channels(self, user_id: str) -> set[str] | None:
         """The members of ``user:<id>:channels``, or ``None`` if the user is unknown."""
+
+    def user_channels_now(self, user_id: str) -> tuple[bool, Set[str] | None]:
+        """The user's set as of this instant, when the process holds it (no round trip):
+        ``(True, members or None)``; ``(False, None)`` when only a read can tell.
+        The members are the broker's own: read them, never change them."""
 
     async def position(self) -> Position: ...
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 
 from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
 from sisyphus.protocol.names import user_channel
@@ -99,6 +99,9 @@ class MemoryBroker:
     async def user_channels(self, user_id: str) -> set[str] | None:
         members = self._sets.get(user_id)
         return set(members) if members else None
+
+    def user_channels_now(self, user_id: str) -> tuple[bool, Set[str] | None]:
+        return True, self._sets.get(user_id) or None
 
     async def position(self) -> Position:
         return Position(self._epoch, self._seq, self._oldest())

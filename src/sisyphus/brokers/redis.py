@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Set
 from typing import Any, TypeVar
 
 import hiredis
@@ -412,6 +412,9 @@ class RedisBroker:
             raise BrokerUnavailable(f"redis refused a command: {exc}") from None
         except (LinkError, OSError) as exc:
             raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None
+
+    def user_channels_now(self, user_id: str) -> tuple[bool, Set[str] | None]:
+        return False, None  # the set lives in Redis: only a read can tell
 
     async def user_channels(self, user_id: str) -> set[str] | None:
         # One SMEMBERS (pipelined with whatever else this loop iteration sends): the

@@ -5,7 +5,9 @@ set, dropping removed channels at once, subscribing added ones and replaying
 what was published on them since the notice, then handing each stream its
 replay and its held messages in sequence order. Each stream is diffed against
 its OWN channels, so two tabs of one user each get their new channels' first
-messages. A burst of notices for one user runs one refresh task; each pass
+messages. When the broker holds the set in-process and the notice adds no
+channel, the refresh is done in the notice's own step, with no hold at all. A
+burst of notices for one user runs one refresh task; each pass
 releases what was held up to the latest notice, so steady traffic on
 ``user:<id>`` delays messages by about one read of the set, never indefinitely.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Set
 
 from sisyphus.brokers.base import Broker
 from sisyphus.config import Settings
@@ -33,7 +36,7 @@ log = logging.getLogger("sisyphus.refresh")
 
 
 def readable(
-    settings: Settings, metrics: Metrics, user_id: str, members: set[str]
+    settings: Settings, metrics: Metrics, user_id: str, members: Set[str]
 ) -> frozenset[str] | None:
     """The channels the user reads, or ``None`` (counted) past the channel limit."""
     channels, _ = readable_channels(user_id, members)  # refused names are logged there
@@ -82,6 +85,8 @@ class Refresher:
         message waits until the refresh decided what the stream reads, so removed
         channels deliver nothing after the notice and added ones go in order.
         """
+        if user_id not in self._refreshing and self._apply_now(user_id):
+            return
         for sub in self._hub.streams_of(user_id):
             self._hub.hold(sub)  # LIVE -> CATCHING_UP; a STARTING stream holds anyway
         since = self._since.get(user_id)
@@ -93,6 +98,35 @@ class Refresher:
         task = self._loop.create_task(self._refresh(user_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _apply_now(self, user_id: str) -> bool:
+        """The refresh done in the notice's own step, when it can be: True if it was.
+
+        When the broker holds the set in-process, reading it now is reading it right
+        after the notice. If it adds no channel to any stream (the usual case: the
+        notice is a personal message, or a revoke), nothing needs a replay or a hold:
+        removals apply at once and every stream stays live. Anything else (an added
+        channel, a stream not live, a set read only by a round trip) takes the full
+        refresh.
+        """
+        known, members = self._broker.user_channels_now(user_id)
+        if not known or members is None:
+            return False
+        streams = self._hub.streams_of(user_id)
+        for sub in streams:
+            if sub.state is not State.LIVE:
+                return False
+        channels = readable(self._settings, self._metrics, user_id, members)
+        if channels is None:
+            self._lifecycle.end_user(user_id, sse.Status.FAILURE, "too_many_channels")
+            return True
+        for sub in streams:
+            if not channels <= sub.channels:
+                return False
+        for sub in streams:
+            if channels != sub.channels:
+                self._hub.update(sub, channels)
+        return True
 
     async def _refresh(self, user_id: str) -> None:
         try:
