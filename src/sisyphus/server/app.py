@@ -240,6 +240,7 @@ class Service:
         if self._server is not None:
             await self._server.wait_closed()
         self.ops.publish()  # a worker's final counters stay in the service's sums
+        self.ops.close()
 
     async def drain(self) -> None:
         """Graceful stop: stop accepting, send every stream a reconnect hint, close them

@@ -83,6 +83,12 @@ class SharedFigures:
                 _put(file, key, count, now)
             _put(file, mmap_key(name, name + "_sum", [], [], help), buckets.sum, now)
 
+    def close(self) -> None:
+        """Close this worker's files (a later write opens them again)."""
+        for file in self._files.values():
+            file.close()  # type: ignore[no-untyped-call]
+        self._files.clear()
+
     def all_ready(self, now: float) -> bool:
         """Whether every live worker said it is ready, within the last STALE_SECONDS."""
         for path in glob.glob(os.path.join(self.path, f"gauge_{GAUGE_MODE}_*.db")):

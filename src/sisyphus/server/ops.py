@@ -106,6 +106,10 @@ class Ops:
             self._wall_clock(),
         )
 
+    def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
+
     def _readiness(self) -> bytes | None:
         """Why ``/readyz`` is 503, or ``None`` when it is 200."""
         if not self._accepting():
