@@ -137,7 +137,6 @@ class Service:
             lambda: len(self.handshakes),
             self.cors.vary,
             _shared_figures(),
-            wall_clock,
         )
         self.broker.bind(self.hub.dispatch, self.streams.on_broker_lost)
 

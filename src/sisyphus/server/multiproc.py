@@ -67,7 +67,7 @@ class SharedFigures:
         histograms: Mapping[str, tuple[str, Buckets]],
         now: float,
     ) -> None:
-        """Store this worker's figures now (``now``: wall clock, for staleness)."""
+        """Store this worker's figures; ``now`` (a clock all processes share) dates them."""
         file = self._file("counter")
         for name, (help, value) in counters.items():
             _put(file, mmap_key(name, name + "_total", [], [], help), value, now)

@@ -70,7 +70,7 @@ class Ops:
         handshakes: Callable[[], int],
         headers: http.Headers = (),
         shared: SharedFigures | None = None,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._broker = broker
         self._hub = hub
@@ -84,7 +84,9 @@ class Ops:
         self._registry.register(_Collector(self))
         # One of several workers: scrapes read every worker's figures from the shared files.
         self._shared = shared
-        self._wall_clock = wall_clock
+        # Stamps the shared figures: CLOCK_MONOTONIC is one clock for every process of the
+        # machine, and a wall-clock step can't make every worker look stale at once.
+        self._clock = clock
         if shared is not None:
             self._registry = shared.registry
 
@@ -103,7 +105,7 @@ class Ops:
                 f"sisyphus_{name}": (HISTOGRAM_HELP[name], buckets)
                 for name, buckets in histograms.items()
             },
-            self._wall_clock(),
+            self._clock(),
         )
 
     def close(self) -> None:
@@ -118,7 +120,7 @@ class Ops:
             return b"broker not ready"
         if self._shared is not None:
             self.publish()
-            if not self._shared.all_ready(self._wall_clock()):
+            if not self._shared.all_ready(self._clock()):
                 return b"worker not ready"
         return None
 
