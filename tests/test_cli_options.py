@@ -100,6 +100,17 @@ async def test_redis_url_may_come_from_the_variable(
             "sisyphus serve: SISYPHUS_REUSE_PORT=yes needs SISYPHUS_REDIS_URL",
         ),
         (
+            ("serve", "--workers", "2"),
+            {},
+            "sisyphus serve: SISYPHUS_WORKERS=2 needs SISYPHUS_REDIS_URL: with the embedded "
+            "broker, worker processes would not share messages",
+        ),
+        (
+            ("serve",),
+            {"SISYPHUS_WORKERS": "2"},
+            "sisyphus serve: SISYPHUS_WORKERS=2 needs SISYPHUS_REDIS_URL",
+        ),
+        (
             ("publish", "room:1", "x", "--redis", "localhost:6379"),
             {},
             "sisyphus publish: --redis='localhost:6379' is invalid: Redis URL must specify",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,7 @@ def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> 
         ("log_level", "Warning", "WARNING"),
         ("history_max_age", "60", 60.0),
         ("replay_max_bytes", "1024", 1024),
+        ("workers", "1", 1),
     ],
 )
 def test_values_are_parsed(name: str, raw: str, value: object) -> None:
@@ -208,6 +210,8 @@ def test_public_key_from_a_file(tmp_path: Path) -> None:
             {},
             "--previous-secret-until='tomorrow' is invalid",
         ),
+        ({"workers": "0"}, {}, "--workers='0' is invalid: must be > 0"),
+        ({}, {"SISYPHUS_WORKERS": "many"}, "SISYPHUS_WORKERS='many' is invalid"),
     ],
 )
 def test_bad_value_names_its_source_and_value(
@@ -310,6 +314,16 @@ def test_config_error_is_a_sisyphus_error() -> None:
             "processes sharing the port would not share messages",
         ),
         (
+            {"SISYPHUS_WORKERS": "2"},
+            "SISYPHUS_WORKERS=2 needs SISYPHUS_REDIS_URL: with the embedded broker, "
+            "worker processes would not share messages",
+        ),
+        (
+            {"SISYPHUS_WORKERS": "3", "SISYPHUS_REDIS_URL": "redis://x", "SISYPHUS_PORT": "0"},
+            "SISYPHUS_WORKERS=3 needs a fixed SISYPHUS_PORT: with port 0 each worker would "
+            "pick a port of its own",
+        ),
+        (
             {"SISYPHUS_CORS_ORIGINS": "*,https://a.test"},
             "SISYPHUS_CORS_ORIGINS: use either * or a list of origins, not both",
         ),
@@ -331,6 +345,14 @@ def test_config_error_is_a_sisyphus_error() -> None:
 def test_inconsistent_options_are_refused(environ: dict[str, str], message: str) -> None:
     """Combinations that would accept no token, or the wrong kind, stop the start-up."""
     assert config_error({}, environ) == message
+
+
+def test_workers_auto_is_one_per_usable_core() -> None:
+    """`auto` counts the cores this process may run on; with Redis, more than one is fine."""
+    settings = load({"workers": "auto"}, {"SISYPHUS_REDIS_URL": "redis://x"})
+    assert settings.workers == len(os.sched_getaffinity(0))
+    assert load({}, {"SISYPHUS_WORKERS": "AUTO", "SISYPHUS_REDIS_URL": "redis://x"}) == settings
+    assert load({"workers": "4", "redis_url": "redis://x"}, {}).workers == 4
 
 
 @pytest.mark.parametrize(

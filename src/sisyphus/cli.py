@@ -119,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args, argv)
     if args.command == "token":
         return _token(args)
     values = _values(args, config.PUBLISHER_OPTIONS, args.command)
@@ -169,7 +170,7 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     flags = {option.name: getattr(args, option.name) for option in config.OPTIONS}
     try:
         settings = config.load(flags)
@@ -177,6 +178,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"sisyphus serve: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        from sisyphus.server.supervisor import supervise
+
+        # Each worker runs this same command line as one process sharing the port.
+        return supervise(settings, argv)
     from sisyphus.server.app import run  # imported here: publish/grant don't need the server
 
     try:

@@ -48,6 +48,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    """A count of worker processes, or ``auto``: one per core this process may run on."""
+    if text.strip().lower() == "auto":
+        try:
+            return len(os.sched_getaffinity(0))  # honours taskset and systemd's CPUAffinity
+        except AttributeError:  # pragma: no cover - not on Linux
+            return os.cpu_count() or 1
+    return _positive_int(text)
+
+
 def _optional_str(text: str) -> str | None:
     return text or None
 
@@ -248,6 +258,13 @@ class Settings:
         "yes: bind with SO_REUSEPORT, so a new process can take over the port while the old "
         "one drains (a restart without refused connects); needs --redis",
         "yes|no",
+    )
+    workers: int = _setting(
+        1,
+        _workers,
+        "worker processes sharing the port (SO_REUSEPORT) under one supervisor that restarts "
+        "them; auto is one per core; above 1 needs --redis and a fixed --port",
+        "N|auto",
     )
     redis_url: str | None = _setting(
         None,
@@ -587,6 +604,18 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError(
             "SISYPHUS_REUSE_PORT=yes needs SISYPHUS_REDIS_URL: with the embedded broker, "
             "processes sharing the port would not share messages"
+        )
+    if settings.workers > 1 and settings.redis_url is None:
+        # Each worker would run its own embedded broker: a client would miss what was
+        # published through (or granted by) another worker.
+        raise ConfigError(
+            f"SISYPHUS_WORKERS={settings.workers} needs SISYPHUS_REDIS_URL: with the embedded "
+            "broker, worker processes would not share messages"
+        )
+    if settings.workers > 1 and settings.port == 0:
+        raise ConfigError(
+            f"SISYPHUS_WORKERS={settings.workers} needs a fixed SISYPHUS_PORT: with port 0 "
+            "each worker would pick a port of its own"
         )
     if "*" in settings.cors_origins and len(settings.cors_origins) > 1:
         raise ConfigError("SISYPHUS_CORS_ORIGINS: use either * or a list of origins, not both")

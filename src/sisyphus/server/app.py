@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import random
 import signal
 import time
@@ -30,6 +31,7 @@ from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.server.api import Api
 from sisyphus.server.connection import HttpConnection
 from sisyphus.server.lifecycle import shutdown_retry_ms
+from sisyphus.server.multiproc import MULTIPROC_ENV, SharedFigures
 from sisyphus.server.notify import notify
 from sisyphus.server.ops import Ops
 from sisyphus.server.streams import Streams
@@ -75,6 +77,12 @@ def make_authenticator(settings: Settings) -> Authenticator:
         keys.append(VerificationKey(settings.public_key, asymmetric))
     verifier = TokenVerifier(keys, settings.audience, settings.issuer, settings.leeway)
     return Authenticator(verifier, settings.token_cookie)
+
+
+def _shared_figures() -> SharedFigures | None:
+    """The worker's shared metric files when a supervisor runs several (``--workers``)."""
+    path = os.environ.get(MULTIPROC_ENV)
+    return SharedFigures(path) if path else None
 
 
 class Service:
@@ -128,6 +136,7 @@ class Service:
             lambda: self.accepting,
             lambda: len(self.handshakes),
             self.cors.vary,
+            _shared_figures(),
         )
         self.broker.bind(self.hub.dispatch, self.streams.on_broker_lost)
 
@@ -168,6 +177,7 @@ class Service:
         )
         self._sweeper = loop.create_task(self._sweep())
         self.accepting = True
+        self.ops.publish()  # one of several workers: counted by the others' /readyz from now
         if isinstance(self.broker, MemoryBroker):
             log.warning(
                 "embedded broker: messages and rights live in this process only; "
@@ -199,6 +209,7 @@ class Service:
                 self.streams.expire()
                 self._cut_slow_handshakes()
                 self.broker.tick(self.loop.time())
+                self.ops.publish()
             except Exception:
                 log.exception("periodic sweep failed")  # the next tick tries again
 
@@ -227,6 +238,8 @@ class Service:
         await self.broker.close()
         if self._server is not None:
             await self._server.wait_closed()
+        self.ops.publish()  # a worker's final counters stay in the service's sums
+        self.ops.close()
 
     async def drain(self) -> None:
         """Graceful stop: stop accepting, send every stream a reconnect hint, close them
@@ -239,6 +252,7 @@ class Service:
         """
         self.accepting = False  # /readyz is 503 from now on, on every connection
         self.streams.stopping = True
+        self.ops.publish()  # the other workers' /readyz turn 503 now, not a tick later
         notify("STOPPING=1")
         if self._server is not None:
             self._server.close()

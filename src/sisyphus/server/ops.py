@@ -10,10 +10,15 @@ drops the body of every answer to a ``HEAD``).
 when the scraper's ``Accept`` asks for it) from a collector that reads the plain
 counters of :mod:`sisyphus.metrics` at scrape time: the hot path never takes the
 library's locks.
+
+Under ``serve --workers N`` (:mod:`sisyphus.server.multiproc`) every worker answers for
+the whole service: ``/metrics`` merges every worker's figures, and ``/readyz`` is 200 only
+while every live worker is ready (the kernel spreads new connects over all of them).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 
@@ -30,6 +35,7 @@ from sisyphus.brokers.base import Broker
 from sisyphus.hub.hub import Hub
 from sisyphus.metrics import COUNTER_HELP, Buckets, Metrics
 from sisyphus.protocol import http
+from sisyphus.server.multiproc import SharedFigures
 
 ROUTES = ("/healthz", "/readyz", "/metrics")
 
@@ -63,6 +69,8 @@ class Ops:
         accepting: Callable[[], bool],
         handshakes: Callable[[], int],
         headers: http.Headers = (),
+        shared: SharedFigures | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._broker = broker
         self._hub = hub
@@ -74,9 +82,47 @@ class Ops:
         # and several services in one process (the tests) don't collide.
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_Collector(self))
+        # One of several workers: scrapes read every worker's figures from the shared files.
+        self._shared = shared
+        # Stamps the shared figures: CLOCK_MONOTONIC is one clock for every process of the
+        # machine, and a wall-clock step can't make every worker look stale at once.
+        self._clock = clock
+        if shared is not None:
+            self._registry = shared.registry
 
     def ready(self) -> bool:
         return self._accepting() and self._broker.ready
+
+    def publish(self) -> None:
+        """Write this worker's figures to the shared files (nothing in a single process)."""
+        if self._shared is None:
+            return
+        counters, gauges, histograms = self._figures()
+        self._shared.write(
+            {f"sisyphus_{name}": (_counter_help(name), value) for name, value in counters.items()},
+            {f"sisyphus_{name}": (GAUGE_HELP[name], value) for name, value in gauges.items()},
+            {
+                f"sisyphus_{name}": (HISTOGRAM_HELP[name], buckets)
+                for name, buckets in histograms.items()
+            },
+            self._clock(),
+        )
+
+    def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
+
+    def _readiness(self) -> bytes | None:
+        """Why ``/readyz`` is 503, or ``None`` when it is 200."""
+        if not self._accepting():
+            return b"stopping"
+        if not self._broker.ready:
+            return b"broker not ready"
+        if self._shared is not None:
+            self.publish()
+            if not self._shared.all_ready(self._clock()):
+                return b"worker not ready"
+        return None
 
     def handle(self, request: http.Request) -> bytes:
         keep = request.keep_alive
@@ -93,17 +139,18 @@ class Ops:
                 HTTPStatus.OK, b'{"status": "alive"}', keep_alive=keep, headers=headers
             )
         if request.path == "/readyz":
-            if self.ready():
+            reason = self._readiness()
+            if reason is None:
                 return http.response(
                     HTTPStatus.OK, b'{"status": "ready"}', keep_alive=keep, headers=headers
                 )
-            reason = "stopping" if not self._accepting() else "broker not ready"
             return http.response(
                 HTTPStatus.SERVICE_UNAVAILABLE,
-                b'{"status": "%s"}' % reason.encode(),
+                b'{"status": "%s"}' % reason,
                 keep_alive=keep,
                 headers=headers,
             )
+        self.publish()  # this worker's own figures fresh in the merge (several workers)
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return http.response(
             HTTPStatus.OK,
@@ -113,16 +160,13 @@ class Ops:
             headers=headers,
         )
 
-    def collect(self) -> Iterator[Metric]:
-        """The metric families, read from the plain counters now (prometheus-client calls it)."""
+    def _figures(self) -> tuple[dict[str, int], dict[str, int], dict[str, Buckets]]:
+        """(counters, gauges, histograms) by name, read from the plain numbers now."""
         counters = {
             **self._metrics.statistics(),
             "broker_reconnects": self._broker.reconnects,
             "broker_malformed_messages": self._broker.malformed,
         }
-        for name, value in counters.items():
-            help = COUNTER_HELP.get(name) or BROKER_COUNTER_HELP[name]
-            yield CounterMetricFamily(f"sisyphus_{name}", help, value=value)
         gauges = {
             "streams": self._hub.stream_count(),
             "channels": len(self._hub.channels()),
@@ -130,12 +174,19 @@ class Ops:
             "broker_connected": int(self._broker.connected),
             "ready": int(self.ready()),
         }
-        for name, value in gauges.items():
-            yield GaugeMetricFamily(f"sisyphus_{name}", GAUGE_HELP[name], value=value)
         histograms = {
             "delivery_latency_seconds": self._metrics.delivery_latency,
             "handshake_duration_seconds": self._metrics.handshake_duration,
         }
+        return counters, gauges, histograms
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families, read from the plain counters now (prometheus-client calls it)."""
+        counters, gauges, histograms = self._figures()
+        for name, value in counters.items():
+            yield CounterMetricFamily(f"sisyphus_{name}", _counter_help(name), value=value)
+        for name, value in gauges.items():
+            yield GaugeMetricFamily(f"sisyphus_{name}", GAUGE_HELP[name], value=value)
         for name, buckets in histograms.items():
             yield _histogram(f"sisyphus_{name}", HISTOGRAM_HELP[name], buckets)
 
@@ -146,6 +197,10 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         return self._ops.collect()
+
+
+def _counter_help(name: str) -> str:
+    return COUNTER_HELP.get(name) or BROKER_COUNTER_HELP[name]
 
 
 def _histogram(name: str, help: str, buckets: Buckets) -> HistogramMetricFamily:
