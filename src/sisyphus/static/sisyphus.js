@@ -49,9 +49,11 @@ class Subscription {
     this._stopped = false;
     this._state = "connecting";
     this._leader = false;
-    // What this tab delivered: the position (epoch, seq), its id, and the stream it came from.
-    this._pos = null;
+    // What this tab has: the position (epoch, seq) of the last event it delivered (or
+    // of the lastEventId it was given, or the holder's when it joined), its id, and the
+    // stream it came from.
     this._lastId = options.lastEventId || null;
+    this._pos = parseId(this._lastId);
     this._source = null;
     this._lastStatus = null;
     this._abort = null; // the running fetch's AbortController
@@ -104,12 +106,16 @@ class Subscription {
   }
 
   // Tab sharing --------------------------------------------------------------
+  //
+  // On the channel: "hello" (a tab joins; the holder answers "here" with its position
+  // and status), "ask" (a new holder asks every tab for its position, answered "here"),
+  // and "event" (each event the holder's stream sent, in order).
   _share() {
     const name = "sisyphus " + this._url;
     this._channel = new BroadcastChannel(name);
     this._channel.onmessage = (event) => this._onBroadcast(event.data);
     this._lockAbort = new AbortController();
-    this._post({ t: "hello", from: this._tabId });
+    this._post({ t: "hello", from: this._tabId, id: this._lastId });
     navigator.locks
       .request(name, { signal: this._lockAbort.signal }, () => this._hold())
       .catch(() => {}); // aborted by close() while waiting
@@ -119,20 +125,21 @@ class Subscription {
     if (this._closed || this._stopped) return;
     this._leader = true;
     const held = new Promise((resolve) => (this._release = resolve));
-    // Other tabs may have delivered less than this one (a crashed holder's last
-    // broadcast): resume from the least of what they all delivered; the rest dedupes.
+    // Resume from the least position of all the tabs (this one may have none: it
+    // joined after the last event); each tab drops what it already has.
     this._gathered = [];
-    this._post({ t: "hello", from: this._tabId, holder: true });
+    this._post({ t: "ask", from: this._tabId });
     await new Promise((resolve) => setTimeout(resolve, HELLO_WAIT_MS));
-    let least = this._pos;
-    for (const id of this._gathered) {
-      const theirs = parseId(id);
-      if (theirs && least && theirs.epoch === least.epoch && theirs.seq < least.seq) {
-        least = theirs;
+    const ids = [this._lastId, ...this._gathered];
+    this._gathered = null;
+    let least = null;
+    for (const id of ids) {
+      const pos = parseId(id);
+      if (pos && (!least || (pos.epoch === least.epoch && pos.seq < least.seq))) {
+        least = pos;
         this._resumeFrom = id;
       }
     }
-    this._gathered = null;
     if (!this._closed) this._run();
     await held; // the lock is held until close() (or the tab goes away)
   }
@@ -145,13 +152,28 @@ class Subscription {
     if (this._closed || !message) return;
     if (message.t === "event") {
       this._deliver(message.e, false);
-    } else if (message.t === "hello") {
+    } else if (message.t === "hello" || message.t === "ask") {
+      if (this._gathered && message.id) this._gathered.push(message.id);
+      if (message.t === "hello" && !this._leader) return; // the holder answers
       const reply = { t: "here", to: message.from, id: this._lastId };
-      if (this._leader && this._lastStatus) reply.status = this._lastStatus;
+      if (this._leader) {
+        reply.holder = true;
+        reply.source = this._source;
+        reply.status = this._lastStatus;
+      }
       this._post(reply);
     } else if (message.t === "here" && message.to === this._tabId) {
       if (this._gathered && message.id) this._gathered.push(message.id);
-      if (message.status && !this._leader && this._state === "connecting") {
+      if (!message.holder || this._leader) return;
+      // The holder's answer to this tab's hello: every event it sends from now on
+      // reaches this tab, so a tab that had no position has the holder's.
+      const pos = parseId(message.id);
+      if (!this._pos && pos) {
+        this._pos = pos;
+        this._lastId = message.id;
+        this._source = message.source;
+      }
+      if (message.status && this._state === "connecting") {
         const { status, reason } = message.status;
         if (status === "ok") this._state = "open";
         this._call("onStatus", status, reason);

@@ -1,0 +1,146 @@
+"""sisyphus.js hand-overs in a real headless Chromium: whichever tab takes the stream over,
+every tab gets every message once, from where it was.
+
+Messages are published while nobody holds the stream: the tabs' stream requests wait at a
+gate (a Playwright route) until the test has published what falls in the gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.browser.conftest import PageServer, wait_until
+from tests.browser.test_client import (
+    cors_service,
+    events,
+    is_leader,
+    messages,
+    open_tabs,
+    state,
+)
+from tests.conftest import ServiceFactory, grant, publish
+
+pytestmark = pytest.mark.timeout(180)
+
+WAIT = 30.0  # a generous bound: 2 cores, and other test runs beside these
+
+
+class StreamGate:
+    """Holds the tabs' stream requests (not the module's) while closed."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self.held = 0
+
+    async def install(self, context: Any) -> None:
+        await context.route(lambda url: "format=json" in url, self._handle)
+
+    def close(self) -> None:
+        self.held = 0
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def holding(self) -> bool:
+        return self.held > 0
+
+    async def _handle(self, route: Any) -> None:
+        if not self._open.is_set():
+            self.held += 1
+            await self._open.wait()
+        await route.continue_()
+
+
+async def statuses(page: Any) -> list[str]:
+    return [e["status"] for e in await events(page, "status")]
+
+
+async def has_all(page: Any, sent: list[str]) -> bool:
+    """At least as many messages as ``sent`` (the exact list is asserted after)."""
+    return len(await messages(page)) >= len(sent)
+
+
+async def wait_leader(page: Any) -> None:
+    await wait_until(lambda: is_leader(page), timeout=WAIT)
+
+
+async def publish_all(port: int, texts: list[str], sent: list[str]) -> None:
+    for text in texts:
+        await publish(port, "room:1", text)
+        sent.append(text)
+
+
+async def open_tab(context: Any, url: str) -> Any:
+    tab = (await open_tabs(context, url, 1))[0]
+    await wait_until(lambda: _state_is(tab, "open"), timeout=WAIT)
+    return tab
+
+
+async def _state_is(page: Any, wanted: str) -> bool:
+    return await state(page) == wanted
+
+
+async def test_hand_over_to_a_tab_that_joined_after_the_last_message(
+    make_service: ServiceFactory, page_server: PageServer, browser: Any
+) -> None:
+    """A holds and gets messages; B and C join after the last one (they had none); A
+    closes and messages are published while nobody holds the stream; B takes over from
+    A's position: B and C get everything after it, once. Then B closes while messages
+    keep coming: C takes over, still nothing lost or doubled."""
+    service = await cors_service(make_service, page_server)
+    port = service.port
+    await grant(port, "42", "room:1")
+    context = await browser.new_context()
+    gate = StreamGate()
+    await gate.install(context)
+    url = page_server.harness(port, "/?user=42")
+    a = await open_tab(context, url)
+    await wait_leader(a)
+    before: list[str] = []
+    await publish_all(port, [f"before {n}" for n in range(5)], before)
+    await wait_until(lambda: has_all(a, before), timeout=WAIT)
+    b = await open_tab(context, url)
+    c = await open_tab(context, url)
+    assert await messages(b) == [] and await messages(c) == []
+
+    gate.close()
+    await a.close()
+    sent: list[str] = []
+    await publish_all(port, [f"gap {n}" for n in range(3)], sent)
+    await wait_until(gate.holding, timeout=WAIT)  # the new holder is connecting
+    await publish_all(port, [f"gap {n}" for n in range(3, 6)], sent)
+    gate.open()
+    await wait_leader(b)
+    await publish_all(port, [f"after {n}" for n in range(5)], sent)
+    for tab in (b, c):
+        await wait_until(lambda tab=tab: has_all(tab, sent), timeout=WAIT)
+    await asyncio.sleep(0.5)  # room for a duplicate to show up
+    assert await messages(b) == sent
+    assert await messages(c) == sent
+
+    # Around the next hand-over, messages keep coming.
+    stop = asyncio.Event()
+
+    async def keep_publishing() -> None:
+        n = 0
+        while not stop.is_set():
+            await publish_all(port, [f"around {n}"], sent)
+            n += 1
+            await asyncio.sleep(0.03)
+
+    publishing = asyncio.create_task(keep_publishing())
+    await asyncio.sleep(0.3)
+    await b.close()
+    await wait_leader(c)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await publishing
+    await wait_until(lambda: has_all(c, sent), timeout=WAIT)
+    await asyncio.sleep(0.5)
+    assert await messages(c) == sent
+    await context.close()
