@@ -144,3 +144,45 @@ async def test_hand_over_to_a_tab_that_joined_after_the_last_message(
     await asyncio.sleep(0.5)
     assert await messages(c) == sent
     await context.close()
+
+
+async def test_new_holder_replays_what_lagging_tabs_lack(
+    make_service: ServiceFactory, page_server: PageServer, browser: Any
+) -> None:
+    """The tabs are at different positions when the holder changes (C and D joined with
+    older lastEventIds than the holder's): the new holder, ahead of them, resumes from
+    the least, and each tab gets exactly what it lacked, then the gap, then the rest."""
+    service = await cors_service(make_service, page_server)
+    port = service.port
+    await grant(port, "42", "room:1")
+    context = await browser.new_context()
+    gate = StreamGate()
+    await gate.install(context)
+    url = page_server.harness(port, "/?user=42")
+    a = await open_tab(context, url)
+    await wait_leader(a)
+    b = await open_tab(context, url)  # next in line for the stream
+    first: list[str] = []
+    await publish_all(port, [f"first {n}" for n in range(6)], first)
+    for tab in (a, b):
+        await wait_until(lambda tab=tab: has_all(tab, first), timeout=WAIT)
+    ids = [e["id"] for e in await events(a, "message")]
+    c = await open_tab(context, page_server.harness(port, "/?user=42", last=ids[1]))
+    d = await open_tab(context, page_server.harness(port, "/?user=42", last=ids[3]))
+
+    gate.close()
+    await a.close()
+    rest: list[str] = []
+    await publish_all(port, [f"gap {n}" for n in range(3)], rest)
+    await wait_until(gate.holding, timeout=WAIT)
+    await publish_all(port, [f"gap {n}" for n in range(3, 6)], rest)
+    gate.open()
+    await wait_leader(b)
+    await publish_all(port, [f"after {n}" for n in range(5)], rest)
+    wanted = {b: first + rest, c: first[2:] + rest, d: first[4:] + rest}
+    for tab, texts in wanted.items():
+        await wait_until(lambda tab=tab, texts=texts: has_all(tab, texts), timeout=WAIT)
+    await asyncio.sleep(0.5)
+    for tab, texts in wanted.items():
+        assert await messages(tab) == texts
+    await context.close()

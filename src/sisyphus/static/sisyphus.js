@@ -44,24 +44,22 @@ class Subscription {
     this._options = options;
     this._token = options.token ?? null;
     this._tabId = randomWord();
-    this._streams = 0; // streams this tab opened: each is a "source" of events
     this._closed = false;
     this._stopped = false;
     this._state = "connecting";
     this._leader = false;
     // What this tab has: the position (epoch, seq) of the last event it delivered (or
-    // of the lastEventId it was given, or the holder's when it joined), its id, and the
-    // stream it came from.
+    // of the lastEventId it was given, or the holder's when it joined), and its id.
     this._lastId = options.lastEventId || null;
     this._pos = parseId(this._lastId);
-    this._source = null;
     this._lastStatus = null;
+    // Where this tab's next stream starts: the last id its previous stream sent.
+    this._resume = this._lastId;
     this._abort = null; // the running fetch's AbortController
     this._timer = null;
     this._wake = null;
     this._release = null;
     this._gathered = null;
-    this._resumeFrom = null;
     this._channel = null;
     this._lockAbort = null;
     const shared =
@@ -109,7 +107,8 @@ class Subscription {
   //
   // On the channel: "hello" (a tab joins; the holder answers "here" with its position
   // and status), "ask" (a new holder asks every tab for its position, answered "here"),
-  // and "event" (each event the holder's stream sent, in order).
+  // and "event" (each event the holder's stream sent, in order, whether or not the
+  // holder itself had it already: a tab that lacks it delivers it, the others drop it).
   _share() {
     const name = "sisyphus " + this._url;
     this._channel = new BroadcastChannel(name);
@@ -125,8 +124,10 @@ class Subscription {
     if (this._closed || this._stopped) return;
     this._leader = true;
     const held = new Promise((resolve) => (this._release = resolve));
-    // Resume from the least position of all the tabs (this one may have none: it
-    // joined after the last event); each tab drops what it already has.
+    // The tabs may be at different positions (one joined with an older lastEventId,
+    // the old holder's last broadcasts reached some only; this one may have none): resume
+    // from the least of them, so that every tab gets what it lacks; each drops what it
+    // already has.
     this._gathered = [];
     this._post({ t: "ask", from: this._tabId });
     await new Promise((resolve) => setTimeout(resolve, HELLO_WAIT_MS));
@@ -137,9 +138,10 @@ class Subscription {
       const pos = parseId(id);
       if (pos && (!least || (pos.epoch === least.epoch && pos.seq < least.seq))) {
         least = pos;
-        this._resumeFrom = id;
+        this._resume = id;
       }
     }
+    if (!least) this._resume = this._lastId;
     if (!this._closed) this._run();
     await held; // the lock is held until close() (or the tab goes away)
   }
@@ -158,7 +160,6 @@ class Subscription {
       const reply = { t: "here", to: message.from, id: this._lastId };
       if (this._leader) {
         reply.holder = true;
-        reply.source = this._source;
         reply.status = this._lastStatus;
       }
       this._post(reply);
@@ -171,7 +172,6 @@ class Subscription {
       if (!this._pos && pos) {
         this._pos = pos;
         this._lastId = message.id;
-        this._source = message.source;
       }
       if (message.status && this._state === "connecting") {
         const { status, reason } = message.status;
@@ -185,27 +185,20 @@ class Subscription {
   _admit(e) {
     const pos = parseId(e.id);
     if (!pos) return true;
-    const status = e.kind === "status";
-    if (!this._pos || pos.epoch !== this._pos.epoch || pos.seq > this._pos.seq) {
+    const newer = !this._pos || pos.epoch !== this._pos.epoch || pos.seq > this._pos.seq;
+    if (newer) {
       this._pos = pos;
-      this._source = e.source;
       this._lastId = e.id;
-      return true;
     }
-    if (pos.seq === this._pos.seq) {
-      // The same position from another stream: a resume reached what was delivered.
-      // From now on, that stream's events at this position (plain PUBLISHes) are new.
-      const same = e.source === this._source;
-      this._source = e.source;
-      this._lastId = e.id;
-      return same || status;
-    }
-    return status; // behind: a duplicate message; a status is still news
+    // At or behind: a message replayed (this tab has it) is dropped. A plain PUBLISH
+    // (it repeats its stream's last id) is never replayed, so it is always new, and a
+    // status is still news.
+    return newer || e.plain === true || e.kind === "status";
   }
 
   _deliver(e, own) {
-    if (!this._admit(e)) return;
     if (own) this._post({ t: "event", e });
+    if (!this._admit(e)) return;
     if (e.kind === "message") {
       const meta = { id: e.id };
       if (e.channel !== undefined) meta.channel = e.channel;
@@ -294,8 +287,7 @@ class Subscription {
   _streamUrl() {
     const target = new URL(this._url, typeof location !== "undefined" ? location.href : undefined);
     target.searchParams.set("format", "json");
-    const last = this._resumeFrom || this._lastId;
-    this._resumeFrom = null;
+    const last = this._resume;
     if (last) target.searchParams.set("lastEventId", last);
     else target.searchParams.delete("lastEventId");
     if (this._token) target.searchParams.set("token", this._token);
@@ -304,8 +296,7 @@ class Subscription {
 
   // One connection: read events until it ends; say how it ended.
   async _once() {
-    const source = this._tabId + ":" + ++this._streams;
-    const end = { status: null, retry: null, opened: false, httpStatus: 0 };
+    const end = { status: null, retry: null, opened: false, httpStatus: 0, last: null };
     const abort = new AbortController();
     this._abort = abort;
     let response;
@@ -325,7 +316,7 @@ class Subscription {
       abort.abort();
       if (end.httpStatus < 500 && end.httpStatus !== 429 && !this._closed) {
         const reason = "http_" + response.status;
-        this._deliver({ kind: "status", status: "failure", reason, final: true, source }, true);
+        this._deliver({ kind: "status", status: "failure", reason, final: true }, true);
       }
       return end;
     }
@@ -333,7 +324,7 @@ class Subscription {
     let buffer = "";
     let data = [];
     let type_ = "";
-    let id = this._lastId || "";
+    let id = this._resume || "";
     try {
       for (;;) {
         const { value, done } = await reader.read();
@@ -346,7 +337,7 @@ class Subscription {
           buffer = buffer.slice(at + (buffer.startsWith("\r\n", at) ? 2 : 1));
           if (line === "") {
             if (data.length) {
-              const stop = this._event(type_ || "message", data.join("\n"), id, source, end);
+              const stop = this._event(type_ || "message", data.join("\n"), id, end);
               if (stop) {
                 abort.abort();
                 return end;
@@ -376,7 +367,7 @@ class Subscription {
   }
 
   // One event of the stream; true when it ends the stream.
-  _event(type, data, id, source, end) {
+  _event(type, data, id, end) {
     let status = null;
     if (type === "status") {
       try {
@@ -389,6 +380,11 @@ class Subscription {
     } else if (type === "message" && XML_STATUS.test(data)) {
       status = { status: XML_STATUS.exec(data)[1] }; // the default flavour, if asked for
     }
+    // Ids never go back on a stream: the next stream resumes from the last one, so
+    // every tab gets what this one sent (the holder's own position may be ahead).
+    const plain = end.last !== null && id === end.last; // a message repeating the id
+    end.last = id;
+    if (id) this._resume = id;
     if (status) {
       const name = String(status.status);
       const closing = name !== "ok" && name !== "reset";
@@ -398,7 +394,7 @@ class Subscription {
         TOKEN_REASONS.has(status.reason) &&
         typeof this._options.tokenProvider === "function";
       const final = closing && STOPPING.has(name) && !refresh;
-      const e = { kind: "status", status: name, reason: status.reason, id, source, final };
+      const e = { kind: "status", status: name, reason: status.reason, id, final };
       this._deliver(e, true);
       if (closing) {
         end.status = { status: name, reason: status.reason };
@@ -406,11 +402,11 @@ class Subscription {
       }
       return false;
     }
-    let message = { kind: "message", data, id, source };
+    let message = { kind: "message", data, id, plain };
     try {
       const parsed = JSON.parse(data);
       if (parsed && typeof parsed === "object" && typeof parsed.channel === "string") {
-        message = { kind: "message", data: String(parsed.data), channel: parsed.channel, id, source };
+        message = { kind: "message", data: String(parsed.data), channel: parsed.channel, id, plain };
       }
     } catch (error) {
       // a payload sent as is
