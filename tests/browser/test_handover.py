@@ -1,5 +1,5 @@
 """sisyphus.js hand-overs in a real headless Chromium: whichever tab takes the stream over,
-every tab gets every message once, from where it was.
+every tab gets every message once, from where it was, and nobody waits for a stopped tab.
 
 Messages are published while nobody holds the stream: the tabs' stream requests wait at a
 gate (a Playwright route) until the test has published what falls in the gap.
@@ -14,6 +14,7 @@ import pytest
 
 from tests.browser.conftest import PageServer, wait_until
 from tests.browser.test_client import (
+    SECRET,
     cors_service,
     events,
     is_leader,
@@ -185,4 +186,39 @@ async def test_new_holder_replays_what_lagging_tabs_lack(
     await asyncio.sleep(0.5)
     for tab, texts in wanted.items():
         assert await messages(tab) == texts
+    await context.close()
+
+
+@pytest.mark.parametrize("provider", [True, False], ids=["provider-refused", "no-provider"])
+async def test_a_tab_that_gives_up_lets_another_take_over(
+    make_service: ServiceFactory, page_server: PageServer, browser: Any, provider: bool
+) -> None:
+    """A holds; its token expires and it can't get a fresh one (its provider's tokens are
+    refused, or it has none): A stops, without being closed, and gives the stream up. B,
+    waiting with a good token of its own, takes over and gets the messages."""
+    service = await cors_service(make_service, page_server, secret=SECRET, leeway=0.0)
+    port = service.port
+    await grant(port, "42", "room:1")
+    page_server.secret = SECRET
+    page_server.refused.add("nobody")
+    context = await browser.new_context()
+    own = {"refresh": "1", "user": "nobody"} if provider else {}
+    a = await open_tab(
+        context, page_server.harness(port, "/", token=page_server.mint("42", 3), **own)
+    )
+    await wait_leader(a)
+    b_url = page_server.harness(port, "/", token=page_server.mint("42"), refresh="1", user="42")
+    b = await open_tab(context, b_url)
+    sent: list[str] = []
+    await publish_all(port, ["while A holds"], sent)
+    await wait_until(lambda: has_all(b, sent), timeout=WAIT)
+    await wait_until(lambda: _state_is(a, "closed"), timeout=WAIT)  # A gave up
+    await wait_leader(b)
+    await wait_until(lambda: _state_is(b, "open"), timeout=WAIT)
+    await publish_all(port, [f"after {n}" for n in range(3)], sent)
+    await wait_until(lambda: has_all(b, sent), timeout=WAIT)
+    await asyncio.sleep(0.3)
+    assert await messages(b) == sent
+    assert await messages(a) == sent[:1]  # A stopped: it delivers nothing more
+    assert await statuses(a) == ["ok", "failure"] + (["failure"] * 2 if provider else [])
     await context.close()

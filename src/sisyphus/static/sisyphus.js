@@ -92,7 +92,15 @@ class Subscription {
 
   close() {
     if (this._closed) return;
+    this._halt();
     this._closed = true;
+    if (this._channel) this._channel.close();
+  }
+
+  // Stop for good (close(), a final status, a refused token this tab can't refresh):
+  // end the stream, and give the lock up so that another tab can take the stream over.
+  _halt() {
+    this._stopped = true;
     this._state = "closed";
     this._leader = false;
     if (this._abort) this._abort.abort();
@@ -100,7 +108,6 @@ class Subscription {
     clearTimeout(this._timer);
     if (this._wake) this._wake();
     if (this._release) this._release();
-    if (this._channel) this._channel.close();
   }
 
   // Tab sharing --------------------------------------------------------------
@@ -117,11 +124,11 @@ class Subscription {
     this._post({ t: "hello", from: this._tabId, id: this._lastId });
     navigator.locks
       .request(name, { signal: this._lockAbort.signal }, () => this._hold())
-      .catch(() => {}); // aborted by close() while waiting
+      .catch(() => {}); // aborted by close() or a stop while waiting
   }
 
   async _hold() {
-    if (this._closed || this._stopped) return;
+    if (this._stopped) return;
     this._leader = true;
     const held = new Promise((resolve) => (this._release = resolve));
     // The tabs may be at different positions (one joined with an older lastEventId,
@@ -142,8 +149,8 @@ class Subscription {
       }
     }
     if (!least) this._resume = this._lastId;
-    if (!this._closed) this._run();
-    await held; // the lock is held until close() (or the tab goes away)
+    if (!this._stopped) this._run();
+    await held; // the lock is held until this tab stops (or goes away)
   }
 
   _post(message) {
@@ -151,7 +158,7 @@ class Subscription {
   }
 
   _onBroadcast(message) {
-    if (this._closed || !message) return;
+    if (this._stopped || !message) return;
     if (message.t === "event") {
       this._deliver(message.e, false);
     } else if (message.t === "hello" || message.t === "ask") {
@@ -210,7 +217,7 @@ class Subscription {
     else if (e.status !== "reset") this._state = e.final ? "closed" : "connecting";
     this._call("onStatus", e.status, e.reason);
     if (e.status === "reset") this._call("onReset");
-    if (e.final && !own) this._stop();
+    if (e.final && !own) this._halt(); // every tab stops: a new holder would meet the same
   }
 
   _call(name, ...args) {
@@ -225,20 +232,13 @@ class Subscription {
     }
   }
 
-  _stop() {
-    // Every tab stops: a new holder would only meet the same refusal.
-    this._stopped = true;
-    this._state = "closed";
-    if (this._lockAbort) this._lockAbort.abort();
-  }
-
   // The stream ----------------------------------------------------------------
   async _run() {
     let failures = 0;
     let refreshes = 0;
-    while (!this._closed) {
+    while (!this._stopped) {
       const end = await this._once();
-      if (this._closed) return;
+      if (this._stopped) return;
       const status = end.status;
       if (end.opened) failures = 0;
       if (end.opened) refreshes = 0;
@@ -267,9 +267,11 @@ class Subscription {
     }
   }
 
+  // This tab gives up. Its last status went to the other tabs with the events: a final
+  // one stopped them too; a token refused (this tab's own) lets the next tab in line
+  // take the lock and try with its own token.
   _finish() {
-    this._state = "closed";
-    this._stopped = true;
+    this._halt();
   }
 
   _backoff(failures, hint) {
@@ -314,7 +316,7 @@ class Subscription {
     if (!response.ok || !type.startsWith("text/event-stream")) {
       end.httpStatus = response.status || 599;
       abort.abort();
-      if (end.httpStatus < 500 && end.httpStatus !== 429 && !this._closed) {
+      if (end.httpStatus < 500 && end.httpStatus !== 429 && !this._stopped) {
         const reason = "http_" + response.status;
         this._deliver({ kind: "status", status: "failure", reason, final: true }, true);
       }
@@ -328,7 +330,7 @@ class Subscription {
     try {
       for (;;) {
         const { value, done } = await reader.read();
-        if (done || this._closed) break;
+        if (done || this._stopped) break;
         buffer += value;
         let at;
         while ((at = buffer.search(/\r\n|\r|\n/)) >= 0) {
@@ -389,11 +391,8 @@ class Subscription {
       const name = String(status.status);
       const closing = name !== "ok" && name !== "reset";
       if (name === "ok") end.opened = true;
-      const refresh =
-        name === "failure" &&
-        TOKEN_REASONS.has(status.reason) &&
-        typeof this._options.tokenProvider === "function";
-      const final = closing && STOPPING.has(name) && !refresh;
+      // A refused token is this tab's: the other tabs have their own.
+      const final = closing && STOPPING.has(name) && !TOKEN_REASONS.has(status.reason);
       const e = { kind: "status", status: name, reason: status.reason, id, final };
       this._deliver(e, true);
       if (closing) {
