@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sisyphus.server.app import Service
 from tests.browser.conftest import PageServer, wait_until
 from tests.browser.test_client import (
     SECRET,
@@ -222,3 +223,34 @@ async def test_a_tab_that_gives_up_lets_another_take_over(
     assert await messages(a) == sent[:1]  # A stopped: it delivers nothing more
     assert await statuses(a) == ["ok", "failure"] + (["failure"] * 2 if provider else [])
     await context.close()
+
+
+async def test_a_tab_reports_ok_once(
+    make_service: ServiceFactory, page_server: PageServer, browser: Any
+) -> None:
+    """Tabs that join get `ok` once, and not again when the stream changes hands."""
+    service = await cors_service(make_service, page_server)
+    await grant(service.port, "42", "room:1")
+    context = await browser.new_context()
+    url = page_server.harness(service.port, "/?user=42")
+    a = await open_tab(context, url)
+    await wait_leader(a)
+    b = await open_tab(context, url)
+    c = await open_tab(context, url)
+    await a.close()
+    await wait_leader(b)
+    await wait_until(lambda: _opened(service, 2), timeout=WAIT)  # B's stream is up
+    await publish(service.port, "room:1", "one")
+    await b.close()
+    await wait_leader(c)
+    await wait_until(lambda: _opened(service, 3), timeout=WAIT)
+    await publish(service.port, "room:1", "two")
+    await wait_until(lambda: has_all(c, ["one", "two"]), timeout=WAIT)
+    await asyncio.sleep(0.3)
+    assert await statuses(c) == ["ok"]
+    assert await messages(c) == ["one", "two"]
+    await context.close()
+
+
+async def _opened(service: Service, count: int) -> bool:
+    return service.metrics.connections_opened >= count

@@ -52,6 +52,7 @@ class Subscription {
     // of the lastEventId it was given, or the holder's when it joined), and its id.
     this._lastId = options.lastEventId || null;
     this._pos = parseId(this._lastId);
+    // The state-changing status last delivered (a joining tab gets the holder's).
     this._lastStatus = null;
     // Where this tab's next stream starts: the last id its previous stream sent.
     this._resume = this._lastId;
@@ -180,11 +181,8 @@ class Subscription {
         this._pos = pos;
         this._lastId = message.id;
       }
-      if (message.status && this._state === "connecting") {
-        const { status, reason } = message.status;
-        if (status === "ok") this._state = "open";
-        this._call("onStatus", status, reason);
-      }
+      const status = message.status;
+      if (status && this._state === "connecting") this._status(status.status, status.reason);
     }
   }
 
@@ -212,12 +210,23 @@ class Subscription {
       this._call("onMessage", e.data, meta);
       return;
     }
-    this._lastStatus = { status: e.status, reason: e.reason };
-    if (e.status === "ok") this._state = "open";
-    else if (e.status !== "reset") this._state = e.final ? "closed" : "connecting";
-    this._call("onStatus", e.status, e.reason);
-    if (e.status === "reset") this._call("onReset");
+    if (e.status === "reset") {
+      this._call("onStatus", e.status, e.reason);
+      this._call("onReset");
+    } else {
+      this._status(e.status, e.reason, e.final);
+    }
     if (e.final && !own) this._halt(); // every tab stops: a new holder would meet the same
+  }
+
+  // A status that changes the state; `ok` is reported when the state becomes "open",
+  // not again for a stream that changes hands (or a reconnect this tab didn't notice).
+  _status(status, reason, final) {
+    this._lastStatus = { status, reason };
+    const was = this._state;
+    if (status === "ok") this._state = "open";
+    else this._state = final ? "closed" : "connecting";
+    if (status !== "ok" || was !== "open") this._call("onStatus", status, reason);
   }
 
   _call(name, ...args) {
@@ -240,6 +249,7 @@ class Subscription {
       const end = await this._once();
       if (this._stopped) return;
       const status = end.status;
+      if (!status && this._state === "open") this._state = "connecting"; // dropped
       if (end.opened) failures = 0;
       if (end.opened) refreshes = 0;
       let delay;
