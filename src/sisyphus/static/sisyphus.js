@@ -86,7 +86,7 @@ class Subscription {
     return this._leader;
   }
 
-  /** The id of the last event this tab delivered (what a reconnect resumes from). */
+  /** This tab's position: the id of the last event it delivered (see `_pos`). */
   get lastEventId() {
     return this._lastId;
   }
