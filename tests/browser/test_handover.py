@@ -205,7 +205,7 @@ async def test_a_tab_that_gives_up_lets_another_take_over(
     context = await browser.new_context()
     own = {"refresh": "1", "user": "nobody"} if provider else {}
     a = await open_tab(
-        context, page_server.harness(port, "/", token=page_server.mint("42", 3), **own)
+        context, page_server.harness(port, "/", token=page_server.mint("42", 5), **own)
     )
     await wait_leader(a)
     b_url = page_server.harness(port, "/", token=page_server.mint("42"), refresh="1", user="42")
