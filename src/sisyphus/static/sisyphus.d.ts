@@ -33,7 +33,7 @@ export interface Subscription {
   /** Stop: this tab's stream closes (another tab takes it over), callbacks stop. */
   close(): void;
   /** "open" once an `ok` arrived; "closed" after close() or a status that ends it for good
-   * (another tab, if any, then takes the shared stream over). */
+   * (a refused token this tab can't replace, too: another tab then tries its own). */
   readonly state: "connecting" | "open" | "closed";
   /** Whether this tab holds the stream that the tabs share. */
   readonly leader: boolean;
