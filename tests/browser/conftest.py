@@ -75,12 +75,16 @@ def broker_kind() -> str:
 
 
 class PageServer:
-    """Serves the harness page and mints tokens (``/token?user=42``) on localhost."""
+    """Serves the harness page and mints tokens (``/token?user=42``) on localhost.
+
+    For a user in ``refused`` it hands out a token the service refuses (``invalid_token``).
+    """
 
     def __init__(self) -> None:
         self.secret: str | None = None
         self.ttl = 3600.0
         self.tokens_minted = 0
+        self.refused: set[str] = set()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -91,7 +95,8 @@ class PageServer:
                 elif url.path == "/token" and owner.secret is not None:
                     user = urllib.parse.parse_qs(url.query)["user"][0]
                     owner.tokens_minted += 1
-                    self._send(mint_token(owner.secret, user, ttl=owner.ttl).encode(), "text/plain")
+                    token = "refused" if user in owner.refused else owner.mint(user)
+                    self._send(token.encode(), "text/plain")
                 else:
                     self.send_error(404)
 
@@ -113,9 +118,9 @@ class PageServer:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
-    def mint(self, user: str) -> str:
+    def mint(self, user: str, ttl: float | None = None) -> str:
         assert self.secret is not None
-        return mint_token(self.secret, user, ttl=self.ttl)
+        return mint_token(self.secret, user, ttl=self.ttl if ttl is None else ttl)
 
     def harness(self, service_port: int, stream: str, **params: str) -> str:
         """The harness page's URL: it connects to ``stream`` (a path on the service)."""

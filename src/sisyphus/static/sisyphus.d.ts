@@ -19,6 +19,7 @@ export interface ConnectOptions {
   /** Where the first stream resumes from (e.g. the service's position() rendered into the page). */
   lastEventId?: string;
   onMessage?: (data: string, meta: MessageMeta) => void;
+  /** Every status; `ok` when the state becomes "open" (not again when the stream changes tabs). */
   onStatus?: (status: Status, reason: string | undefined) => void;
   /** Missed messages could not be replayed: reload the page's state. */
   onReset?: () => void;
@@ -31,11 +32,13 @@ export interface ConnectOptions {
 export interface Subscription {
   /** Stop: this tab's stream closes (another tab takes it over), callbacks stop. */
   close(): void;
-  /** "open" once an `ok` arrived; "closed" after close() or a status that ends it for good. */
+  /** "open" once an `ok` arrived; "closed" after close() or a status that ends it for good
+   * (a refused token this tab can't replace, too: another tab then tries its own). */
   readonly state: "connecting" | "open" | "closed";
   /** Whether this tab holds the stream that the tabs share. */
   readonly leader: boolean;
-  /** The id of the last event this tab delivered. */
+  /** This tab's position: the id of the last event it delivered (before any: the
+   * lastEventId it was given, or the holder's position when it joined). */
   readonly lastEventId: string | null;
 }
 

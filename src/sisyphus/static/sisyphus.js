@@ -44,22 +44,23 @@ class Subscription {
     this._options = options;
     this._token = options.token ?? null;
     this._tabId = randomWord();
-    this._streams = 0; // streams this tab opened: each is a "source" of events
     this._closed = false;
     this._stopped = false;
     this._state = "connecting";
     this._leader = false;
-    // What this tab delivered: the position (epoch, seq), its id, and the stream it came from.
-    this._pos = null;
+    // What this tab has: the position (epoch, seq) of the last event it delivered (or
+    // of the lastEventId it was given, or the holder's when it joined), and its id.
     this._lastId = options.lastEventId || null;
-    this._source = null;
+    this._pos = parseId(this._lastId);
+    // The state-changing status last delivered (a joining tab gets the holder's).
     this._lastStatus = null;
+    // Where this tab's next stream starts: the last id its previous stream sent.
+    this._resume = this._lastId;
     this._abort = null; // the running fetch's AbortController
     this._timer = null;
     this._wake = null;
     this._release = null;
     this._gathered = null;
-    this._resumeFrom = null;
     this._channel = null;
     this._lockAbort = null;
     const shared =
@@ -85,14 +86,22 @@ class Subscription {
     return this._leader;
   }
 
-  /** The id of the last event this tab delivered (what a reconnect resumes from). */
+  /** This tab's position: the id of the last event it delivered (see `_pos`). */
   get lastEventId() {
     return this._lastId;
   }
 
   close() {
     if (this._closed) return;
+    this._halt();
     this._closed = true;
+    if (this._channel) this._channel.close();
+  }
+
+  // Stop for good (close(), a final status, a refused token this tab can't refresh):
+  // end the stream, and give the lock up so that another tab can take the stream over.
+  _halt() {
+    this._stopped = true;
     this._state = "closed";
     this._leader = false;
     if (this._abort) this._abort.abort();
@@ -100,41 +109,49 @@ class Subscription {
     clearTimeout(this._timer);
     if (this._wake) this._wake();
     if (this._release) this._release();
-    if (this._channel) this._channel.close();
   }
 
   // Tab sharing --------------------------------------------------------------
+  //
+  // On the channel: "hello" (a tab joins; the holder answers "here" with its position
+  // and status), "ask" (a new holder asks every tab for its position, answered "here"),
+  // and "event" (each event the holder's stream sent, in order, whether or not the
+  // holder itself had it already: a tab that lacks it delivers it, the others drop it).
   _share() {
     const name = "sisyphus " + this._url;
     this._channel = new BroadcastChannel(name);
     this._channel.onmessage = (event) => this._onBroadcast(event.data);
     this._lockAbort = new AbortController();
-    this._post({ t: "hello", from: this._tabId });
+    this._post({ t: "hello", from: this._tabId, id: this._lastId });
     navigator.locks
       .request(name, { signal: this._lockAbort.signal }, () => this._hold())
-      .catch(() => {}); // aborted by close() while waiting
+      .catch(() => {}); // aborted by close() or a stop while waiting
   }
 
   async _hold() {
-    if (this._closed || this._stopped) return;
+    if (this._stopped) return;
     this._leader = true;
     const held = new Promise((resolve) => (this._release = resolve));
-    // Other tabs may have delivered less than this one (a crashed holder's last
-    // broadcast): resume from the least of what they all delivered; the rest dedupes.
+    // The tabs may be at different positions (one joined with an older lastEventId,
+    // the old holder's last broadcasts reached some only; this one may have none): resume
+    // from the least of them, so that every tab gets what it lacks; each drops what it
+    // already has.
     this._gathered = [];
-    this._post({ t: "hello", from: this._tabId, holder: true });
+    this._post({ t: "ask", from: this._tabId });
     await new Promise((resolve) => setTimeout(resolve, HELLO_WAIT_MS));
-    let least = this._pos;
-    for (const id of this._gathered) {
-      const theirs = parseId(id);
-      if (theirs && least && theirs.epoch === least.epoch && theirs.seq < least.seq) {
-        least = theirs;
-        this._resumeFrom = id;
+    const ids = [this._lastId, ...this._gathered];
+    this._gathered = null;
+    let least = null;
+    for (const id of ids) {
+      const pos = parseId(id);
+      if (pos && (!least || (pos.epoch === least.epoch && pos.seq < least.seq))) {
+        least = pos;
+        this._resume = id;
       }
     }
-    this._gathered = null;
-    if (!this._closed) this._run();
-    await held; // the lock is held until close() (or the tab goes away)
+    if (!least) this._resume = this._lastId;
+    if (!this._stopped) this._run();
+    await held; // the lock is held until this tab stops (or goes away)
   }
 
   _post(message) {
@@ -142,20 +159,30 @@ class Subscription {
   }
 
   _onBroadcast(message) {
-    if (this._closed || !message) return;
+    if (this._stopped || !message) return;
     if (message.t === "event") {
       this._deliver(message.e, false);
-    } else if (message.t === "hello") {
+    } else if (message.t === "hello" || message.t === "ask") {
+      if (this._gathered && message.id) this._gathered.push(message.id);
+      if (message.t === "hello" && !this._leader) return; // the holder answers
       const reply = { t: "here", to: message.from, id: this._lastId };
-      if (this._leader && this._lastStatus) reply.status = this._lastStatus;
+      if (this._leader) {
+        reply.holder = true;
+        reply.status = this._lastStatus;
+      }
       this._post(reply);
     } else if (message.t === "here" && message.to === this._tabId) {
       if (this._gathered && message.id) this._gathered.push(message.id);
-      if (message.status && !this._leader && this._state === "connecting") {
-        const { status, reason } = message.status;
-        if (status === "ok") this._state = "open";
-        this._call("onStatus", status, reason);
+      if (!message.holder || this._leader) return;
+      // The holder's answer to this tab's hello: every event it sends from now on
+      // reaches this tab, so a tab that had no position has the holder's.
+      const pos = parseId(message.id);
+      if (!this._pos && pos) {
+        this._pos = pos;
+        this._lastId = message.id;
       }
+      const status = message.status;
+      if (status && this._state === "connecting") this._status(status.status, status.reason);
     }
   }
 
@@ -163,39 +190,43 @@ class Subscription {
   _admit(e) {
     const pos = parseId(e.id);
     if (!pos) return true;
-    const status = e.kind === "status";
-    if (!this._pos || pos.epoch !== this._pos.epoch || pos.seq > this._pos.seq) {
+    const newer = !this._pos || pos.epoch !== this._pos.epoch || pos.seq > this._pos.seq;
+    if (newer) {
       this._pos = pos;
-      this._source = e.source;
       this._lastId = e.id;
-      return true;
     }
-    if (pos.seq === this._pos.seq) {
-      // The same position from another stream: a resume reached what was delivered.
-      // From now on, that stream's events at this position (plain PUBLISHes) are new.
-      const same = e.source === this._source;
-      this._source = e.source;
-      this._lastId = e.id;
-      return same || status;
-    }
-    return status; // behind: a duplicate message; a status is still news
+    // At or behind: a message replayed (this tab has it) is dropped. A plain PUBLISH
+    // (it repeats its stream's last id) is never replayed, so it is always new, and a
+    // status is still news.
+    return newer || e.plain === true || e.kind === "status";
   }
 
   _deliver(e, own) {
-    if (!this._admit(e)) return;
     if (own) this._post({ t: "event", e });
+    if (!this._admit(e)) return;
     if (e.kind === "message") {
       const meta = { id: e.id };
       if (e.channel !== undefined) meta.channel = e.channel;
       this._call("onMessage", e.data, meta);
       return;
     }
-    this._lastStatus = { status: e.status, reason: e.reason };
-    if (e.status === "ok") this._state = "open";
-    else if (e.status !== "reset") this._state = e.final ? "closed" : "connecting";
-    this._call("onStatus", e.status, e.reason);
-    if (e.status === "reset") this._call("onReset");
-    if (e.final && !own) this._stop();
+    if (e.status === "reset") {
+      this._call("onStatus", e.status, e.reason);
+      this._call("onReset");
+    } else {
+      this._status(e.status, e.reason, e.final);
+    }
+    if (e.final && !own) this._halt(); // every tab stops: a new holder would meet the same
+  }
+
+  // A status that changes the state; `ok` is reported when the state becomes "open",
+  // not again for a stream that changes hands (or a reconnect this tab didn't notice).
+  _status(status, reason, final) {
+    this._lastStatus = { status, reason };
+    const was = this._state;
+    if (status === "ok") this._state = "open";
+    else this._state = final ? "closed" : "connecting";
+    if (status !== "ok" || was !== "open") this._call("onStatus", status, reason);
   }
 
   _call(name, ...args) {
@@ -210,21 +241,15 @@ class Subscription {
     }
   }
 
-  _stop() {
-    // Every tab stops: a new holder would only meet the same refusal.
-    this._stopped = true;
-    this._state = "closed";
-    if (this._lockAbort) this._lockAbort.abort();
-  }
-
   // The stream ----------------------------------------------------------------
   async _run() {
     let failures = 0;
     let refreshes = 0;
-    while (!this._closed) {
+    while (!this._stopped) {
       const end = await this._once();
-      if (this._closed) return;
+      if (this._stopped) return;
       const status = end.status;
+      if (!status && this._state === "open") this._state = "connecting"; // dropped
       if (end.opened) failures = 0;
       if (end.opened) refreshes = 0;
       let delay;
@@ -252,9 +277,11 @@ class Subscription {
     }
   }
 
+  // This tab gives up. Its last status went to the other tabs with the events: a final
+  // one stopped them too; a token refused (this tab's own) lets the next tab in line
+  // take the lock and try with its own token.
   _finish() {
-    this._state = "closed";
-    this._stopped = true;
+    this._halt();
   }
 
   _backoff(failures, hint) {
@@ -272,8 +299,7 @@ class Subscription {
   _streamUrl() {
     const target = new URL(this._url, typeof location !== "undefined" ? location.href : undefined);
     target.searchParams.set("format", "json");
-    const last = this._resumeFrom || this._lastId;
-    this._resumeFrom = null;
+    const last = this._resume;
     if (last) target.searchParams.set("lastEventId", last);
     else target.searchParams.delete("lastEventId");
     if (this._token) target.searchParams.set("token", this._token);
@@ -282,8 +308,7 @@ class Subscription {
 
   // One connection: read events until it ends; say how it ended.
   async _once() {
-    const source = this._tabId + ":" + ++this._streams;
-    const end = { status: null, retry: null, opened: false, httpStatus: 0 };
+    const end = { status: null, retry: null, opened: false, httpStatus: 0, last: null };
     const abort = new AbortController();
     this._abort = abort;
     let response;
@@ -301,9 +326,9 @@ class Subscription {
     if (!response.ok || !type.startsWith("text/event-stream")) {
       end.httpStatus = response.status || 599;
       abort.abort();
-      if (end.httpStatus < 500 && end.httpStatus !== 429 && !this._closed) {
+      if (end.httpStatus < 500 && end.httpStatus !== 429 && !this._stopped) {
         const reason = "http_" + response.status;
-        this._deliver({ kind: "status", status: "failure", reason, final: true, source }, true);
+        this._deliver({ kind: "status", status: "failure", reason, final: true }, true);
       }
       return end;
     }
@@ -311,11 +336,11 @@ class Subscription {
     let buffer = "";
     let data = [];
     let type_ = "";
-    let id = this._lastId || "";
+    let id = this._resume || "";
     try {
       for (;;) {
         const { value, done } = await reader.read();
-        if (done || this._closed) break;
+        if (done || this._stopped) break;
         buffer += value;
         let at;
         while ((at = buffer.search(/\r\n|\r|\n/)) >= 0) {
@@ -324,7 +349,7 @@ class Subscription {
           buffer = buffer.slice(at + (buffer.startsWith("\r\n", at) ? 2 : 1));
           if (line === "") {
             if (data.length) {
-              const stop = this._event(type_ || "message", data.join("\n"), id, source, end);
+              const stop = this._event(type_ || "message", data.join("\n"), id, end);
               if (stop) {
                 abort.abort();
                 return end;
@@ -354,7 +379,7 @@ class Subscription {
   }
 
   // One event of the stream; true when it ends the stream.
-  _event(type, data, id, source, end) {
+  _event(type, data, id, end) {
     let status = null;
     if (type === "status") {
       try {
@@ -367,16 +392,18 @@ class Subscription {
     } else if (type === "message" && XML_STATUS.test(data)) {
       status = { status: XML_STATUS.exec(data)[1] }; // the default flavour, if asked for
     }
+    // Ids never go back on a stream: the next stream resumes from the last one, so
+    // every tab gets what this one sent (the holder's own position may be ahead).
+    const plain = end.last !== null && id === end.last; // a message repeating the id
+    end.last = id;
+    if (id) this._resume = id;
     if (status) {
       const name = String(status.status);
       const closing = name !== "ok" && name !== "reset";
       if (name === "ok") end.opened = true;
-      const refresh =
-        name === "failure" &&
-        TOKEN_REASONS.has(status.reason) &&
-        typeof this._options.tokenProvider === "function";
-      const final = closing && STOPPING.has(name) && !refresh;
-      const e = { kind: "status", status: name, reason: status.reason, id, source, final };
+      // A refused token is this tab's: the other tabs have their own.
+      const final = closing && STOPPING.has(name) && !TOKEN_REASONS.has(status.reason);
+      const e = { kind: "status", status: name, reason: status.reason, id, final };
       this._deliver(e, true);
       if (closing) {
         end.status = { status: name, reason: status.reason };
@@ -384,11 +411,11 @@ class Subscription {
       }
       return false;
     }
-    let message = { kind: "message", data, id, source };
+    let message = { kind: "message", data, id, plain };
     try {
       const parsed = JSON.parse(data);
       if (parsed && typeof parsed === "object" && typeof parsed.channel === "string") {
-        message = { kind: "message", data: String(parsed.data), channel: parsed.channel, id, source };
+        message = { kind: "message", data: String(parsed.data), channel: parsed.channel, id, plain };
       }
     } catch (error) {
       // a payload sent as is
