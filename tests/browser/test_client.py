@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sisyphus.client import RedisPublisher
+from sisyphus.client import HttpPublisher, RedisPublisher
 from sisyphus.server.app import Service
 from tests.browser.conftest import PageServer, wait_until
 from tests.conftest import ServiceFactory, grant, publish, revoke
@@ -91,6 +91,31 @@ async def test_eight_tabs_share_one_stream(
         assert await messages(tab) == sent
         assert [e["channel"] for e in await events(tab, "message")] == ["room:1"] * 20
     assert sum([await is_leader(tab) for tab in tabs]) == 1
+    assert await metric(service.port, "sisyphus_streams") == 1
+    await context.close()
+
+
+async def test_tabs_rendered_with_different_positions_share_one_stream(
+    make_service: ServiceFactory, page_server: PageServer, browser: Any
+) -> None:
+    """Pages render their own position into the stream URL (`?lastEventId=`, the recipes'
+    way): the tabs still share one stream, and every tab gets what followed its position."""
+    service = await cors_service(make_service, page_server)
+    await grant(service.port, "42", "room:1")
+    context = await browser.new_context()
+    tabs = []
+    for n in range(7):  # more than HTTP/1.1's six connections per host
+        position = await asyncio.to_thread(
+            HttpPublisher(f"http://127.0.0.1:{service.port}").position
+        )
+        page = await context.new_page()
+        await page.goto(page_server.harness(service.port, f"/?user=42&lastEventId={position}"))
+        await wait_until(lambda page=page: _is_open(page))
+        tabs.append(page)
+        await publish(service.port, "room:1", f"after tab {n}")
+    for n, tab in enumerate(tabs):
+        await wait_until(lambda tab=tab, n=n: _has(tab, 7 - n))
+        assert await messages(tab) == [f"after tab {k}" for k in range(n, 7)]
     assert await metric(service.port, "sisyphus_streams") == 1
     await context.close()
 

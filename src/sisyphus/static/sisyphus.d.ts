@@ -23,7 +23,8 @@ export interface ConnectOptions {
   onStatus?: (status: Status, reason: string | undefined) => void;
   /** Missed messages could not be replayed: reload the page's state. */
   onReset?: () => void;
-  /** Share one stream between the tabs of this origin that connect to the same URL (default true). */
+  /** Share one stream between the tabs of this origin that connect to the same URL, its
+   * `lastEventId` and `token` parameters aside (default true). */
   shareTabs?: boolean;
   /** Send cookies to a service on another origin (it must list this origin). */
   withCredentials?: boolean;

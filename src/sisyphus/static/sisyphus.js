@@ -38,11 +38,29 @@ function randomWord() {
   return Math.random().toString(36).slice(2, 10);
 }
 
+// The stream URL without what differs from page to page (a rendered position, a token):
+// the rest names the stream the tabs share. Those two become options when not given.
+function splitUrl(url) {
+  const base = typeof location !== "undefined" ? location.href : undefined;
+  let target;
+  try {
+    target = new URL(url, base);
+  } catch {
+    return { url, lastEventId: null, token: null };
+  }
+  const lastEventId = target.searchParams.get("lastEventId");
+  const token = target.searchParams.get("token");
+  target.searchParams.delete("lastEventId");
+  target.searchParams.delete("token");
+  return { url: target.href, lastEventId, token };
+}
+
 class Subscription {
   constructor(url, options) {
-    this._url = url;
+    const split = splitUrl(url);
+    this._url = split.url;
     this._options = options;
-    this._token = options.token ?? null;
+    this._token = options.token ?? split.token ?? null;
     this._tabId = randomWord();
     this._closed = false;
     this._stopped = false;
@@ -50,7 +68,7 @@ class Subscription {
     this._leader = false;
     // What this tab has: the position (epoch, seq) of the last event it delivered (or
     // of the lastEventId it was given, or the holder's when it joined), and its id.
-    this._lastId = options.lastEventId || null;
+    this._lastId = options.lastEventId || split.lastEventId || null;
     this._pos = parseId(this._lastId);
     // The state-changing status last delivered (a joining tab gets the holder's).
     this._lastStatus = null;
