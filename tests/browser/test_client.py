@@ -120,6 +120,37 @@ async def test_tabs_rendered_with_different_positions_share_one_stream(
     await context.close()
 
 
+async def test_a_tab_rendered_before_the_last_messages_gets_them_when_it_joins(
+    make_service: ServiceFactory, page_server: PageServer, browser: Any
+) -> None:
+    """A page rendered at a position, whose script runs after more messages went out, joins
+    the tab that holds the stream: it gets those messages, and no tab gets one twice."""
+    service = await cors_service(make_service, page_server)
+    await grant(service.port, "42", "room:1")
+    base = f"http://127.0.0.1:{service.port}"
+    context = await browser.new_context()
+    holder = await context.new_page()
+    await holder.goto(page_server.harness(service.port, "/?user=42"))
+    await wait_until(lambda: _is_open(holder))
+    rendered = await asyncio.to_thread(HttpPublisher(base).position)  # the late page's render
+    for n in range(3):
+        await publish(service.port, "room:1", f"before join {n}")
+    await wait_until(lambda: _has(holder, 3))
+    late = await context.new_page()
+    await late.goto(page_server.harness(service.port, f"/?user=42&lastEventId={rendered}"))
+    await wait_until(lambda: _has(late, 3))
+    await publish(service.port, "room:1", "after join")
+    expected = [f"before join {n}" for n in range(3)] + ["after join"]
+    for tab in (holder, late):
+        await wait_until(lambda tab=tab: _has(tab, 4))
+    await asyncio.sleep(0.5)  # room for a duplicate to show
+    assert await messages(holder) == expected
+    assert await messages(late) == expected
+    assert [e["status"] for e in await events(holder, "status")] == ["ok"]
+    assert await metric(service.port, "sisyphus_streams") == 1
+    await context.close()
+
+
 async def test_holder_closed_another_tab_takes_over(
     make_service: ServiceFactory, page_server: PageServer, browser: Any
 ) -> None:

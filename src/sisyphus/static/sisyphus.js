@@ -75,6 +75,7 @@ class Subscription {
     // Where this tab's next stream starts: the last id its previous stream sent.
     this._resume = this._lastId;
     this._abort = null; // the running fetch's AbortController
+    this._rewinding = false; // that fetch was aborted to read again from further back
     this._timer = null;
     this._wake = null;
     this._release = null;
@@ -182,6 +183,7 @@ class Subscription {
       this._deliver(message.e, false);
     } else if (message.t === "hello" || message.t === "ask") {
       if (this._gathered && message.id) this._gathered.push(message.id);
+      if (message.t === "hello" && this._leader && message.id) this._rewind(message.id);
       if (message.t === "hello" && !this._leader) return; // the holder answers
       const reply = { t: "here", to: message.from, id: this._lastId };
       if (this._leader) {
@@ -201,6 +203,20 @@ class Subscription {
       }
       const status = message.status;
       if (status && this._state === "connecting") this._status(status.status, status.reason);
+    }
+  }
+
+  // A tab joined at a position behind the stream's (a page rendered a while ago): read
+  // the stream again from there, so that it gets what it lacks; the tabs that have it
+  // drop it. A joiner from another epoch has nothing to replay (the service would reset).
+  _rewind(id) {
+    const pos = parseId(id);
+    const at = parseId(this._resume);
+    if (!pos || (at && (pos.epoch !== at.epoch || pos.seq >= at.seq))) return;
+    this._resume = id;
+    if (this._abort && !this._abort.signal.aborted) {
+      this._rewinding = true; // _run reconnects at once, with no status and no backoff
+      this._abort.abort();
     }
   }
 
@@ -266,6 +282,10 @@ class Subscription {
     while (!this._stopped) {
       const end = await this._once();
       if (this._stopped) return;
+      if (this._rewinding) {
+        this._rewinding = false;
+        continue;
+      }
       const status = end.status;
       if (!status && this._state === "open") this._state = "connecting"; // dropped
       if (end.opened) failures = 0;
