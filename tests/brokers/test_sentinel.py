@@ -23,6 +23,7 @@ from sisyphus.server.app import Service
 from tests.faults.test_broker_faults import readiness, wait_ready
 from tests.support.redis_server import free_port, server_binary
 from tests.support.sse_client import SseClient, status
+from tests.support.tcp_proxy import TcpProxy
 
 MASTER = "mymaster"
 
@@ -155,6 +156,53 @@ async def test_a_failover_is_followed_and_nothing_published_after_it_is_lost(
         assert (await client.next_message()).data == "live"
     finally:
         await service.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_ids_the_failover_lost_are_never_handed_out_again(
+    topology: SentinelTopology,
+) -> None:
+    """Messages the old master sent but never replicated are lost with it; a browser that
+    got them resumes from their id and still gets everything published afterwards."""
+    # The replica follows the master through a proxy that the test can black-hole.
+    proxy = TcpProxy(topology.master_port)
+    await proxy.start()
+    replica = redis.Redis(port=topology.replica_port)
+    replica.replicaof("127.0.0.1", proxy.port)
+    service = Service(settings(topology.url))
+    await service.start()
+    try:
+        await wait_ready(service)
+        await service.broker.grant("1", ["room:1"], b"granted")
+        client = await connect_ok(service, "1")
+        await service.broker.publish("room:1", b"kept")
+        assert (await client.next_message()).data == "kept"
+        assert await asyncio.to_thread(topology.master().wait, 1, 10000) == 1
+        proxy.blackhole()  # from here on the replica hears nothing, and doesn't know it
+        for text in (b"lost 1", b"lost 2"):
+            await service.broker.publish("room:1", text)
+        got = [await client.next_message() for _ in range(2)]
+        assert [m.data for m in got] == ["lost 1", "lost 2"]
+        topology.processes["master"].kill()
+        await client.until_closed(timeout=15)
+        for _ in range(900):  # the sentinels agree and promote the replica
+            if await readiness(service) == 200:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("never ready on the new master")
+        publisher = RedisPublisher(topology.url)
+        after = [
+            await asyncio.to_thread(publisher.publish, "room:1", f"after {n}") for n in range(3)
+        ]
+        publisher.close()
+        client = await connect_ok(service, "1", got[-1].id)
+        # (Keep-alives flow meanwhile: a missing message shows as this wait's timeout.)
+        resumed = [await asyncio.wait_for(client.next_message(), 10) for _ in range(3)]
+        assert [(m.data, m.id) for m in resumed] == [(f"after {n}", after[n]) for n in range(3)]
+    finally:
+        await service.stop()
+        await proxy.close()
 
 
 async def test_a_sentinel_url_that_names_no_known_master_is_not_ready(

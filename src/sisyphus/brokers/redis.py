@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import hiredis
 
-from sisyphus.brokers import backoff
+from sisyphus.brokers import backoff, failover
 from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
 from sisyphus.brokers.lua import (
     EPOCH_KEY,
@@ -135,7 +135,9 @@ class RedisBroker:
         self._backoff_cap = backoff_cap
         self._topology = parse_broker_url(url)
         # The service's own commands: one pipelined hiredis connection (see redis_link.py).
-        self._commands = CommandLink(self._locate, timeout, backoff_base, backoff_cap)
+        self._commands = CommandLink(
+            self._locate, timeout, backoff_base, backoff_cap, on_open=self._guard_sequence
+        )
         self._probe: asyncio.Task[None] | None = None
         # Sentinel only: the periodic look at which node is the master now.
         self._master_check: asyncio.Task[None] | None = None
@@ -244,6 +246,18 @@ class RedisBroker:
             link.abort()
         if self._commands.address not in ((None, None), address):
             self._commands.close()
+
+    async def _guard_sequence(self, link: RespProtocol) -> None:
+        """A new command link: if the server's history diverged, no id may be reused."""
+        replid = failover.replication_id(await link.request("INFO", "replication"))
+        if replid is None:
+            return  # a server too old to say (before Redis 4): nothing to compare
+        if await link.request(*failover.guard_call(replid)):
+            log.warning(
+                "redis: the server's replication history changed (a failover, or a restart "
+                "that may have lost writes): ids continue %d further on, so none is reused",
+                failover.SEQUENCE_GAP,
+            )
 
     async def _probe_commands(self) -> None:
         """Reconnect the command link in the background (its backoff paces the attempts)."""

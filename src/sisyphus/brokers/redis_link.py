@@ -215,8 +215,11 @@ class CommandLink:
         backoff_base: float = 0.1,
         backoff_cap: float = 10.0,
         rand: Callable[[], float] = random.random,
+        on_open: Callable[[RespProtocol], Awaitable[None]] | None = None,
     ) -> None:
         self._locate = locate
+        # Run on each new link before any command is sent on it; its failure fails the link.
+        self._on_open = on_open
         self._timeout = timeout
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
@@ -253,9 +256,17 @@ class CommandLink:
                 raise LinkError(f"redis unavailable; next attempt in {wait:.1f} s")
             try:
                 params = await self._locate()
-                self._protocol = await open_link(
-                    params, RespProtocol, self._timeout, select_db=True
-                )
+                protocol = await open_link(params, RespProtocol, self._timeout, select_db=True)
+                if self._on_open is not None:
+                    try:
+                        async with asyncio.timeout(self._timeout):
+                            await self._on_open(protocol)
+                    except BaseException as exc:
+                        protocol.abort()
+                        if isinstance(exc, (TimeoutError, ReplyError, LinkError)):
+                            raise LinkError(f"redis link set-up failed: {exc}") from None
+                        raise
+                self._protocol = protocol
                 self.address = (params.get("host"), params.get("port"))
             except (LinkError, ReplyError):
                 delay = backoff.delay(
