@@ -166,6 +166,76 @@ async def test_a_plain_publish_burst_on_the_users_own_channel_keeps_the_stream(
     assert service.metrics.status_error == 0
 
 
+# Notices that arrive while the set is being read ----------------------------------------
+
+
+async def _drain_events(client: SseClient, seconds: float) -> list[tuple[str | None, str]]:
+    """(id, data) of every message (not keep-alive) that arrives within ``seconds``."""
+    got: list[tuple[str | None, str]] = []
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while (left := until - loop.time()) > 0:
+        try:
+            event = await client.next_event(left)
+        except TimeoutError:
+            break
+        assert event is not None, f"the stream closed after {got}"
+        if not event.is_noop:
+            got.append((event.id, event.data))
+    return got
+
+
+async def test_nothing_published_after_a_revoke_notice_arrives_while_a_refresh_reads(
+    service: Service,
+) -> None:
+    """A refresh still reading the set (for a grant) when a revoke's notice, a message on
+    the revoked channel and another notice arrive: the message never reaches the stream."""
+    for trial in range(20):
+        user = f"leak{trial}"
+        await grant(service.port, user, "room:base")
+        client = await connect_ok(service, user)
+        await grant(service.port, user, "room:secret")
+        answer = await raw_request(
+            service.port,
+            pipelined(
+                ("/api/revoke", {"user": user, "channels": ["room:secret"]}),
+                ("/api/publish", {"channel": "room:secret", "data": "after the revoke"}),
+                ("/api/publish", {"channel": f"user:{user}", "data": "hello"}),
+            ),
+        )
+        assert answer.count(b"HTTP/1.1 200 OK") == 3
+        got = [data for _, data in await _drain_events(client, 0.4)]
+        assert "after the revoke" not in got, f"trial {trial}: {got}"
+        assert got[-1] == "hello", got
+        await client.close()
+
+
+async def test_ids_stay_in_order_when_a_grant_arrives_while_a_refresh_reads(
+    service: Service,
+) -> None:
+    """A notice, a message on a channel not yet granted, then its grant, pipelined: the
+    stream's ids only grow, and a resume from any of them repeats nothing."""
+    for trial in range(20):
+        user = f"order{trial}"
+        await grant(service.port, user, "room:base")
+        client = await connect_ok(service, user)
+        await grant(service.port, user, "room:a")  # its refresh may still be reading
+        channel = f"room:c{trial}"
+        answer = await raw_request(
+            service.port,
+            pipelined(
+                ("/api/publish", {"channel": f"user:{user}", "data": "ping"}),
+                ("/api/publish", {"channel": channel, "data": "pre"}),
+                ("/api/grant", {"user": user, "channels": [channel]}),
+            ),
+        )
+        assert answer.count(b"HTTP/1.1 200 OK") == 3
+        got = await _drain_events(client, 0.4)
+        seqs = [seq_of(event_id) for event_id, _ in got if event_id]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), f"trial {trial}: {got}"
+        await client.close()
+
+
 # 4. Two tabs of one user ----------------------------------------------------------------
 
 

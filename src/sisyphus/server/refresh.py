@@ -7,9 +7,10 @@ replay and its held messages in sequence order. Each stream is diffed against
 its OWN channels, so two tabs of one user each get their new channels' first
 messages. When the broker holds the set in-process and the notice adds no
 channel, the refresh is done in the notice's own step, with no hold at all. A
-burst of notices for one user runs one refresh task; each pass
-releases what was held up to the latest notice, so steady traffic on
-``user:<id>`` delays messages by about one read of the set, never indefinitely.
+burst of notices for one user runs one refresh task; each pass releases what
+was held up to the first notice that arrived while its read was under way (the
+read may predate it), so steady traffic on ``user:<id>`` delays messages by
+about one read of the set, never indefinitely.
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ def readable(
 
 
 class _Catch:
-    """What one refresh gathered for one stream: replayed messages and a reset reason."""
+    """What one refresh pass gathered for one stream: how many of its held messages had
+    arrived when the set was read (the notices among them are what the read covers),
+    replayed messages and a reset reason."""
 
-    __slots__ = ("entries", "reset")
+    __slots__ = ("covered", "entries", "reset")
 
-    def __init__(self) -> None:
+    def __init__(self, covered: int) -> None:
+        self.covered = covered
         self.entries: dict[int, HistoryEntry] = {}
         self.reset: str | None = None
 
@@ -138,12 +142,9 @@ class Refresher:
                     return  # the streams were ended
                 kept_since = self._release(user_id, since, catches)
                 if kept_since is not None:
-                    # A stream stays held after a notice that arrived before this pass
-                    # started (a burst on user:<id>): one more pass releases it.
-                    pending = self._since.get(user_id)
-                    self._since[user_id] = (
-                        kept_since if pending is None else min(pending, kept_since)
-                    )
+                    # A stream stays held after a notice the read didn't cover: one more
+                    # pass, from that notice (the notices before it are settled).
+                    self._since[user_id] = kept_since
                     self._again.add(user_id)
                 if user_id not in self._again:
                     break
@@ -161,6 +162,11 @@ class Refresher:
     async def _pass(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> bool:
         """One read of the set applied to every held stream; False if they were ended."""
         lifecycle = self._lifecycle
+        # What each stream held before the read is covered by it: a notice that arrives
+        # during the read may or may not be, so the release stops there (see _release).
+        for sub in self._hub.streams_of(user_id):
+            if sub.state is State.CATCHING_UP:
+                catches[sub] = _Catch(len(sub.held))
         try:
             async with asyncio.timeout(self._settings.broker_timeout):
                 members = await self._broker.user_channels(user_id)
@@ -202,7 +208,7 @@ class Refresher:
             lifecycle.end_user(user_id, sse.Status.ERROR, "broker_unavailable")
             return False
         for sub, added in added_by.items():
-            catch = catches.setdefault(sub, _Catch())
+            catch = catches.setdefault(sub, _Catch(0))
             if missed.reset is not None:
                 catch.reset = missed.reset
             for entry in missed.entries:
@@ -227,12 +233,15 @@ class Refresher:
             try:
                 catch = catches.get(sub)
                 entries = sorted(catch.entries.values()) if catch is not None else []
+                # Notices that arrived after the read began: the rights it returned may
+                # predate them. Everything up to the first of them (the notice itself is
+                # always readable) is released under this pass's rights; what follows
+                # waits for the next pass, whose read comes after that notice.
+                covered = catch.covered if catch is not None else 0
+                unsure = {id(m) for m in sub.held[covered:] if m.channel == own}
                 messages = replay.merge(epoch, entries, sub.held, since)
-                # Up to the LAST later notice: what came before it is released under
-                # this pass's rights, what came after waits for the next pass.
                 notice = next(
-                    (i for i in range(len(messages) - 1, -1, -1) if messages[i].channel == own),
-                    None,
+                    (i for i, message in enumerate(messages) if id(message) in unsure), None
                 )
                 cut = len(messages) if notice is None else notice + 1
                 keep = None if notice is None else messages[cut:]
