@@ -139,6 +139,27 @@ async def test_bad_values_are_one_line_naming_the_source(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:S3CRET/pw@127.0.0.1:6399/0",
+        "redis://:S3C#RET@127.0.0.1:6399/0",
+        "redis://:S3C?RET@127.0.0.1:6399/0",
+        "redis+sentinel://:S3CRET/pw@h:26379/m/0",
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "publish"])
+async def test_a_bad_redis_url_with_a_password_shows_none_of_it(command: str, url: str) -> None:
+    """A password with an unencoded / ? # breaks the URL: the one-line error says how to
+    fix it, and neither the URL shown nor the parser's reason holds any of the password."""
+    args = ("serve", "--port", str(free_port())) if command == "serve" else ("publish", "x", "y")
+    done = await run_cli(*args, "--redis", url)
+    assert done.returncode == 2, done.stderr
+    assert "S3C" not in done.stderr and "pw@" not in done.stderr
+    assert "percent-encode" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
 async def test_a_port_in_use_is_named() -> None:
     """A port another process holds stops `serve` with one line naming the address."""
     with socket.socket() as holder:

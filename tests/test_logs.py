@@ -146,9 +146,11 @@ def test_a_url_password_holding_at_signs_is_scrubbed_whole() -> None:
         "redis://:p@ss@hunter2@localhost:6379/0",
         "redis://admin:p@ss@hunter2@localhost:6379/0",
         "redis+sentinel://:p@ss@hunter2@h1:26379,h2:26379/mymaster",
+        "redis://:p/ss@hunter2@localhost:6379/0",
+        "redis://:p#ss?@hunter2@localhost:6379/0",
     ):
         text = emit("text", "connecting to %s", url)
-        assert "hunter2" not in text and "ss@" not in text
+        assert "hunter2" not in text and "ss@" not in text and "ss?" not in text
         assert "localhost:6379/0" in text or "h1:26379,h2:26379/mymaster" in text
 
 

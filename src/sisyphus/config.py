@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import math
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -80,8 +81,17 @@ def _redis_url(text: str) -> str | None:
     try:
         parse_broker_url(text)
     except ValueError as exc:
+        # The parser's words may quote a piece of the password: then they are not shown.
+        credentials = text.partition("://")[2].rpartition("@")[0]
+        pieces = [piece for piece in re.split(r"[:/?#@]", credentials) if len(piece) >= 2]
+        reason = str(exc)
+        if any(piece in reason for piece in pieces):
+            reason = (
+                "it is not a URL once its password is read (the parser's words would show "
+                "the password); percent-encode any / ? # @ in it (%2F %3F %23 %40)"
+            )
         raise ValueError(
-            f"{exc}; e.g. redis://localhost:6379/0 or redis+sentinel://HOST:PORT,HOST:PORT/NAME"
+            f"{reason}; e.g. redis://localhost:6379/0 or redis+sentinel://HOST:PORT,HOST:PORT/NAME"
         ) from None
     return text
 
@@ -103,12 +113,12 @@ def _api_key(text: str) -> str | None:
 def redact_password(text: str) -> str:
     """A URL as it may be shown in a message or a log: its credentials replaced by ***.
 
-    The credentials end at the last ``@`` of the authority: a password may hold ``@``.
+    The credentials end at the URL's last ``@``: a password may hold ``@``, and, not
+    percent-encoded, ``/``, ``?`` or ``#`` (which then look like the path's start).
     """
     scheme, sep, rest = text.partition("://")
-    authority, slash, path = rest.partition("/")
-    if sep and "@" in authority:
-        return scheme + sep + "***@" + authority.rpartition("@")[2] + slash + path
+    if sep and "@" in rest:
+        return scheme + sep + "***@" + rest.rpartition("@")[2]
     return text
 
 

@@ -36,8 +36,8 @@ _SCRUB = (
         ),
         r"\1\2***",
     ),
-    # Credentials in a URL: up to the authority's last "@", since a password may hold "@".
-    (re.compile(r"://[^/\s]*@"), "://***@"),
+    # Credentials in a URL: up to its last "@" (a password may hold "@", "/", "?", "#").
+    (re.compile(r"://\S*@"), "://***@"),
 )
 
 # The names a LogRecord carries by itself; every other attribute came from ``extra``.
