@@ -25,6 +25,7 @@ import ctypes
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -348,7 +349,32 @@ class Supervisor:
         self.kill_at = None
 
 
+FOLDER_PREFIX = "sisyphus-workers-"
+
+
+def remove_orphaned_folders(parent: str | None = None) -> None:
+    """Remove the folders of supervisors that died without cleaning up (SIGKILL, OOM).
+
+    Each folder's name carries its supervisor's pid; one whose pid no longer runs is
+    an orphan. (A reused pid keeps its folder until that process is gone too.)
+    """
+    parent = parent or tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(parent):
+            pid_text = name.removeprefix(FOLDER_PREFIX).partition("-")[0]
+            if not name.startswith(FOLDER_PREFIX) or not pid_text.isdigit():
+                continue
+            try:
+                os.kill(int(pid_text), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            except PermissionError:
+                pass  # another user's live process
+
+
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
     """Run ``settings.workers`` workers until a signal stops them; the exit status."""
-    with tempfile.TemporaryDirectory(prefix="sisyphus-workers-") as folder:
+    remove_orphaned_folders()
+    prefix = f"{FOLDER_PREFIX}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
         return Supervisor(settings, argv, folder).run()
