@@ -248,18 +248,10 @@ class PrivateValkey:
         return count
 
 
-class SisyphusRedis(Sisyphus):
-    """Sisyphus on a private Valkey; messages go in by plain PUBLISH."""
+class OnValkey(Target):
+    """A target with a private Valkey beside it: started first, stopped last, measured apart."""
 
-    name = "sisyphus-redis"
-    publish_mode = "redis"
-
-    def __init__(self, cpu: int, keepalive: float, redis_cpu: int) -> None:
-        super().__init__(cpu, keepalive)
-        self.valkey = PrivateValkey(redis_cpu, Path(self.dir.name))
-
-    def argv(self) -> list[str]:
-        return [*super().argv(), "--redis", f"{self.valkey.url}/0"]
+    valkey: PrivateValkey
 
     def start(self) -> None:
         self.valkey.start()
@@ -271,6 +263,20 @@ class SisyphusRedis(Sisyphus):
 
     def side_pids(self) -> list[int]:
         return self.valkey.pids()
+
+
+class SisyphusRedis(OnValkey, Sisyphus):
+    """Sisyphus on a private Valkey; messages go in by plain PUBLISH."""
+
+    name = "sisyphus-redis"
+    publish_mode = "redis"
+
+    def __init__(self, cpu: int, keepalive: float, redis_cpu: int) -> None:
+        super().__init__(cpu, keepalive)
+        self.valkey = PrivateValkey(redis_cpu, Path(self.dir.name))
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--redis", f"{self.valkey.url}/0"]
 
     def extra(self) -> dict[str, Any]:
         return {"redis_pubsub_conns": self.valkey.pubsub_connections()}
@@ -387,7 +393,7 @@ class Nchan(Target):
         return "room1" if kind == "broadcast" else "inbox{i}"
 
 
-class NchanRedis(Nchan):
+class NchanRedis(OnValkey, Nchan):
     """Nchan storing its channels and messages in a private Valkey (``nchan_redis_url``),
     one worker: the Redis-backed peer of Sisyphus on Redis."""
 
@@ -409,17 +415,6 @@ class NchanRedis(Nchan):
 
     def use_redis_directive(self) -> str:
         return "      nchan_use_redis on;\n"
-
-    def start(self) -> None:
-        self.valkey.start()
-        super().start()
-
-    def stop(self) -> None:
-        super().stop()
-        self.valkey.stop()
-
-    def side_pids(self) -> list[int]:
-        return self.valkey.pids()
 
 
 def make_targets(

@@ -104,6 +104,15 @@ def topology() -> Iterator[SentinelTopology]:
     topology.close()
 
 
+async def ready_after_promotion(service: Service, seconds: float = 45) -> None:
+    """Wait while the sentinels agree and promote the replica, until the service is ready."""
+    for _ in range(int(seconds / 0.05)):
+        if await readiness(service) == 200:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("never ready on the new master")
+
+
 def settings(url: str) -> Settings:
     return Settings(port=0, redis_url=url, broker_timeout=1.0, broker_ping_interval=0.2,
                     keepalive=0.3)  # fmt: skip
@@ -137,12 +146,7 @@ async def test_a_failover_is_followed_and_nothing_published_after_it_is_lost(
         assert [e.data for e in events] == [status("error")]
         assert events[0].retry is not None
         assert await readiness(service) == 503
-        for _ in range(600):  # the sentinels agree and promote the replica
-            if await readiness(service) == 200:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("never ready on the new master")
+        await ready_after_promotion(service)
         assert topology.master().connection_pool.connection_kwargs["port"] == (
             topology.replica_port
         )
@@ -185,12 +189,7 @@ async def test_ids_the_failover_lost_are_never_handed_out_again(
         assert [m.data for m in got] == ["lost 1", "lost 2"]
         topology.processes["master"].kill()
         await client.until_closed(timeout=15)
-        for _ in range(900):  # the sentinels agree and promote the replica
-            if await readiness(service) == 200:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("never ready on the new master")
+        await ready_after_promotion(service)
         publisher = RedisPublisher(topology.url)
         after = [
             await asyncio.to_thread(publisher.publish, "room:1", f"after {n}") for n in range(3)
