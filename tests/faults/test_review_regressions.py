@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from sisyphus.brokers.memory import MemoryBroker
+from sisyphus.client import RedisPublisher
 from sisyphus.config import Settings
 from sisyphus.server.app import Service
 from tests.faults.test_broker_faults import readiness
@@ -174,6 +175,83 @@ async def test_a_second_tab_never_gets_messages_from_before_its_start(
         assert await messages_until(second_tab, "new") == ["new"]
         assert await messages_until(first_tab, "new") == ["old 0", "old 1", "old 2", "new"]
     finally:
+        await service.stop()
+
+
+def slow_command_links(proxy: TcpProxy, plain: redis.Redis, seconds: float) -> None:
+    """Every command link of the service answers ``seconds`` late (pub/sub stays quick)."""
+    for entry in plain.client_list():
+        if int(entry.get("sub", 0)) == 0:
+            try:
+                link = proxy.link(int(entry["addr"].rsplit(":", 1)[1]))
+            except LookupError:
+                continue  # a connection of the test's own, not through the proxy
+            link.delay_replies(seconds)
+
+
+# With the service's replies SLOW seconds late, each step below lands in a window of
+# half that width: the service's Redis commands run at once, their answers come late.
+SLOW = 0.4
+
+
+async def test_a_revoke_during_the_refresh_after_a_tab_started_takes_effect(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],
+) -> None:
+    """A tab goes live behind a notice while a refresh reads; a revoke that comes during
+    the next read: no tab gets a message on the revoked channel."""
+    server, proxy, plain = world
+    service = await start(proxy)
+    publisher = RedisPublisher(f"redis://127.0.0.1:{server.port}/0")
+    try:
+        plain.sadd("user:u:channels", "room", "secret")
+        first = await SseClient.open(service.port, "user=u")
+        assert (await first.expect()).data == status("ok")
+        slow_command_links(proxy, plain, SLOW)
+        opening = asyncio.ensure_future(SseClient.open(service.port, "user=u"))
+        await asyncio.sleep(1.5 * SLOW)  # the tab's history read has run
+        publisher.publish("user:u", "hello")  # a refresh reads; the tab goes live behind it
+        await asyncio.sleep(1.5 * SLOW)  # that refresh ended; if a next one read, it did
+        publisher.revoke("u", ["secret"])
+        publisher.publish("secret", "after the revoke")
+        publisher.publish("room", "marker")
+        second = await opening
+        assert (await second.expect()).data == status("ok")
+        for tab in (first, second):
+            got = await messages_until(tab, "marker")
+            assert "after the revoke" not in got, got
+            assert got[0] == "hello" and got[-1] == "marker", got
+    finally:
+        publisher.close()
+        await service.stop()
+
+
+async def test_a_tab_that_goes_live_behind_an_earlier_notice_loses_nothing_after_it(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],
+) -> None:
+    """A tab's catch-up stops at a notice older than the one a running refresh started
+    from: what came between the two reaches that tab too, in order."""
+    server, proxy, plain = world
+    service = await start(proxy)
+    publisher = RedisPublisher(f"redis://127.0.0.1:{server.port}/0")
+    try:
+        plain.sadd("user:u:channels", "room")
+        first = await SseClient.open(service.port, "user=u")
+        assert (await first.expect()).data == status("ok")
+        slow_command_links(proxy, plain, SLOW)
+        opening = asyncio.ensure_future(SseClient.open(service.port, "user=u"))
+        await asyncio.sleep(0.5 * SLOW)  # the tab's snapshot has run, not its history read
+        publisher.publish("user:u", "first notice")
+        publisher.publish("room", "between")
+        await asyncio.sleep(1.25 * SLOW)  # the refresh of the first notice is done
+        publisher.publish("user:u", "second notice")  # a refresh from here is reading
+        second = await opening
+        assert (await second.expect()).data == status("ok")
+        publisher.publish("room", "marker")
+        expected = ["first notice", "between", "second notice", "marker"]
+        assert await messages_until(second, "marker") == expected
+        assert await messages_until(first, "marker") == expected
+    finally:
+        publisher.close()
         await service.stop()
 
 

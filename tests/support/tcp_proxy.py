@@ -1,7 +1,7 @@
 """A TCP proxy in front of Redis that tests can cut, freeze or black-hole, as a network would.
 
 ``freeze()`` keeps every connection open but holds what they send until ``thaw()``
-(a wedged link that heals); ``cut()`` closes them all; ``blackhole()`` keeps every
+(a wedged link that heals); a link's ``delay_replies()`` makes it a slow route; ``cut()`` closes them all; ``blackhole()`` keeps every
 existing and new connection open but drops everything they send, for good: the
 black-holed connections never forward again, even after ``restore()``, which lets
 only NEW connections through (a route that came back while old flows stay dead).
@@ -31,6 +31,12 @@ class Link:
         self.to_client = asyncio.Event()
         self.to_redis.set()
         self.to_client.set()
+        self.reply_delay = 0.0
+
+    def delay_replies(self, seconds: float) -> None:
+        """Hand what Redis sends to the client ``seconds`` late, in order (a slow route):
+        commands still run at once, their answers take that long to arrive."""
+        self.reply_delay = seconds
 
     def freeze(self, to_redis: bool = True, to_client: bool = True) -> None:
         """Hold what this link carries in the given directions until :meth:`thaw`."""
@@ -47,6 +53,11 @@ class Link:
         for writer in (self.client, self.upstream):
             if writer is not None:
                 writer.transport.abort()
+
+
+def _write(sink: asyncio.StreamWriter, data: bytes) -> None:
+    if not sink.is_closing():
+        sink.write(data)
 
 
 class TcpProxy:
@@ -109,6 +120,10 @@ class TcpProxy:
                 await direction.wait()
                 if link.dead or sink is None:
                     continue  # black-holed: the bytes vanish, the socket stays open
+                if direction is link.to_client and link.reply_delay > 0:
+                    # Timers of one delay fire in the order they were set: order is kept.
+                    asyncio.get_running_loop().call_later(link.reply_delay, _write, sink, data)
+                    continue
                 sink.write(data)
                 await sink.drain()
         # The peer closed: close the other side too (a black-holed link dies with its client).

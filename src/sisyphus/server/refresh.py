@@ -7,10 +7,12 @@ replay and its held messages in sequence order. Each stream is diffed against
 its OWN channels, so two tabs of one user each get their new channels' first
 messages. When the broker holds the set in-process and the notice adds no
 channel, the refresh is done in the notice's own step, with no hold at all. A
-burst of notices for one user runs one refresh task; each pass releases what
-was held up to the first notice that arrived while its read was under way (the
-read may predate it), so steady traffic on ``user:<id>`` delays messages by
-about one read of the set, never indefinitely.
+burst of notices for one user runs one refresh task. Each pass answers only for
+the streams held when it began, and releases what they held up to the first
+notice that arrived while its read was under way (the read may predate it);
+a stream held meanwhile waits for the next pass. Steady traffic on
+``user:<id>`` so delays messages by about two reads of the set, never
+indefinitely.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from sisyphus.hub.subscriber import Subscriber
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import sse
 from sisyphus.protocol.names import user_channel
-from sisyphus.protocol.resume import HistoryEntry
+from sisyphus.protocol.resume import HistoryEntry, parse_event_id
 from sisyphus.protocol.rights import readable_channels
 from sisyphus.server import replay
 from sisyphus.server.lifecycle import Lifecycle
@@ -59,6 +61,15 @@ class _Catch:
         self.covered = covered
         self.entries: dict[int, HistoryEntry] = {}
         self.reset: str | None = None
+
+
+def _seq_in(epoch: str, event_id: bytes) -> int:
+    """The seq of ``event_id`` if it is of ``epoch``, else 0 (it says nothing of this one)."""
+    try:
+        parsed = parse_event_id(event_id.decode("ascii"))
+    except ValueError:  # not an id of ours (nor ASCII): it says nothing
+        return 0
+    return parsed.seq if parsed.epoch == epoch else 0
 
 
 class Refresher:
@@ -137,14 +148,27 @@ class Refresher:
             while True:
                 self._again.discard(user_id)
                 since = self._since.pop(user_id, self._hub.delivered)
-                catches: dict[Subscriber, _Catch] = {}
+                # This pass answers for the streams held now, and only for them: one held
+                # while its read is under way (a notice delivered to it live, a tab going
+                # live after a notice) may need rights the read predates, so it waits,
+                # held, for the next pass (the hold that marked it also asked for one).
+                catches = {
+                    sub: _Catch(len(sub.held))
+                    for sub in self._hub.streams_of(user_id)
+                    if sub.state is State.CATCHING_UP
+                }
+                if not catches:
+                    break
                 if not await self._pass(user_id, since, catches):
                     return  # the streams were ended
                 kept_since = self._release(user_id, since, catches)
                 if kept_since is not None:
                     # A stream stays held after a notice the read didn't cover: one more
                     # pass, from that notice (the notices before it are settled).
-                    self._since[user_id] = kept_since
+                    pending = self._since.get(user_id)
+                    self._since[user_id] = (
+                        kept_since if pending is None else min(pending, kept_since)
+                    )
                     self._again.add(user_id)
                 if user_id not in self._again:
                     break
@@ -162,11 +186,6 @@ class Refresher:
     async def _pass(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> bool:
         """One read of the set applied to every held stream; False if they were ended."""
         lifecycle = self._lifecycle
-        # What each stream held before the read is covered by it: a notice that arrives
-        # during the read may or may not be, so the release stops there (see _release).
-        for sub in self._hub.streams_of(user_id):
-            if sub.state is State.CATCHING_UP:
-                catches[sub] = _Catch(len(sub.held))
         try:
             async with asyncio.timeout(self._settings.broker_timeout):
                 members = await self._broker.user_channels(user_id)
@@ -184,9 +203,9 @@ class Refresher:
             lifecycle.end_user(user_id, sse.Status.FAILURE, "too_many_channels")
             return False
         added_by: dict[Subscriber, frozenset[str]] = {}
-        for sub in self._hub.streams_of(user_id):
+        for sub in catches:
             if sub.state is not State.CATCHING_UP:
-                continue  # a starting stream refreshes itself once live (see streams.py)
+                continue  # ended while the set was read
             added = channels - sub.channels
             # Removals take effect now; additions are held until the replay is in.
             self._hub.update(sub, channels)
@@ -208,7 +227,7 @@ class Refresher:
             lifecycle.end_user(user_id, sse.Status.ERROR, "broker_unavailable")
             return False
         for sub, added in added_by.items():
-            catch = catches.setdefault(sub, _Catch(0))
+            catch = catches[sub]
             if missed.reset is not None:
                 catch.reset = missed.reset
             for entry in missed.entries:
@@ -217,29 +236,30 @@ class Refresher:
         return True
 
     def _release(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> int | None:
-        """Hand each held stream its replay and held messages in order, up to the last notice.
+        """Hand each stream of the pass its replay and held messages in order.
 
-        What arrived after a later notice stays held for the next pass (that notice
-        may change the rights again); the rest is written now. Returns the position of
-        the earliest notice a stream stays held at (the next pass starts there), or
-        ``None`` when every stream went live.
+        What arrived after a notice the read may not cover stays held for the next
+        pass (that notice may change the rights again); the rest is written now.
+        Returns the position of the earliest notice a stream stays held at (the next
+        pass starts there), or ``None`` when every stream of the pass went live.
         """
         kept_since: int | None = None
         epoch = self._hub.epoch
         own = user_channel(user_id)
-        for sub in self._hub.streams_of(user_id):
+        for sub, catch in catches.items():
             if sub.state is not State.CATCHING_UP:
                 continue
             try:
-                catch = catches.get(sub)
-                entries = sorted(catch.entries.values()) if catch is not None else []
+                # The pass starts at its first notice, but a stream may already be past
+                # it (released by an earlier pass): nothing at or before its own id.
+                after = max(since, _seq_in(epoch, sub.last_id))
+                entries = sorted(e for e in catch.entries.values() if e.seq > after)
                 # Notices that arrived after the read began: the rights it returned may
                 # predate them. Everything up to the first of them (the notice itself is
                 # always readable) is released under this pass's rights; what follows
                 # waits for the next pass, whose read comes after that notice.
-                covered = catch.covered if catch is not None else 0
-                unsure = {id(m) for m in sub.held[covered:] if m.channel == own}
-                messages = replay.merge(epoch, entries, sub.held, since)
+                unsure = {id(m) for m in sub.held[catch.covered :] if m.channel == own}
+                messages = replay.merge(epoch, entries, sub.held, after)
                 notice = next(
                     (i for i, message in enumerate(messages) if id(message) in unsure), None
                 )
@@ -250,7 +270,7 @@ class Refresher:
                     kept_since = at if kept_since is None else min(kept_since, at)
                 now = [message for message in messages[:cut] if message.channel in sub.channels]
                 out: list[bytes] = []
-                if catch is not None and catch.reset is not None:
+                if catch.reset is not None:
                     self._metrics.resets += 1
                     out.append(
                         sse.encode_status(
