@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import redis
 
 from sisyphus.brokers import failover
 from sisyphus.brokers.lua import SEQUENCE_KEY
+from sisyphus.config import Settings
+from sisyphus.server.app import Service
+from tests.faults.test_broker_faults import wait_ready
+from tests.support.redis_server import RedisServer
+from tests.support.sse_client import SseClient, status
 
 
 def run_guard(client: redis.Redis, replid: str) -> int:
@@ -45,3 +51,33 @@ def test_the_replication_id_is_read_off_info(redis_client: redis.Redis) -> None:
     found = failover.replication_id(text)
     assert found is not None and len(found) == 40
     assert failover.replication_id("# Replication\r\nrole:master\r\n") is None
+
+
+async def test_a_user_not_allowed_info_is_served_without_the_guard(
+    redis_server: RedisServer, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL user without the dangerous commands (INFO among them) gets a ready service
+    that streams and publishes; the log says once that the guard is off, and why."""
+    redis_client.flushall()
+    redis_client.execute_command(
+        "ACL", "SETUSER", "limited", "on", ">a-password", "~*", "&*", "+@all", "-@dangerous"
+    )
+    try:
+        url = f"redis://limited:a-password@127.0.0.1:{redis_server.port}/0"
+        service = Service(Settings(port=0, redis_url=url, broker_timeout=2.0))
+        await service.start()
+        try:
+            await wait_ready(service)
+            redis_client.sadd("user:u:channels", "room")
+            client = await SseClient.open(service.port, "user=u")
+            assert (await client.expect()).data == status("ok")
+            published = await service.broker.publish("room", b"hello")
+            event = await client.next_message()
+            assert (event.data, event.id) == ("hello", published.encode().decode())
+            await client.close()
+        finally:
+            await service.stop()
+        refused = [r for r in caplog.records if "replication history" in r.getMessage()]
+        assert len(refused) == 1 and "NOPERM" in refused[0].getMessage()
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", "limited")

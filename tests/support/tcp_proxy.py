@@ -1,10 +1,11 @@
 """A TCP proxy in front of Redis that tests can cut, freeze or black-hole, as a network would.
 
 ``freeze()`` keeps every connection open but holds what they send until ``thaw()``
-(a wedged link that heals); a link's ``delay_replies()`` makes it a slow route; ``cut()`` closes them all; ``blackhole()`` keeps every
-existing and new connection open but drops everything they send, for good: the
-black-holed connections never forward again, even after ``restore()``, which lets
-only NEW connections through (a route that came back while old flows stay dead).
+(a wedged link that heals); a link's ``delay_replies()`` makes it a slow route;
+``cut()`` closes them all; ``blackhole()`` keeps every existing and new connection
+open but drops everything they send, for good: the black-holed connections never
+forward again, even after ``restore()``, which lets only NEW connections through (a
+route that came back while old flows stay dead).
 
 Each connection is a :class:`Link`, found by the port it uses towards Redis (the
 ``addr`` that ``CLIENT LIST`` shows), so a test can wedge or cut one link alone.

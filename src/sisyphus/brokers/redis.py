@@ -157,6 +157,7 @@ class RedisBroker:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.reconnects = 0
         self.malformed = 0  # sequenced messages dropped for a malformed envelope
+        self._unguarded = False  # the failover guard was refused (said once in the log)
 
     def bind(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
         self._on_message = on_message
@@ -249,10 +250,25 @@ class RedisBroker:
 
     async def _guard_sequence(self, link: RespProtocol) -> None:
         """A new command link: if the server's history diverged, no id may be reused."""
-        replid = failover.replication_id(await link.request("INFO", "replication"))
-        if replid is None:
-            return  # a server too old to say (before Redis 4): nothing to compare
-        if await link.request(*failover.guard_call(replid)):
+        try:
+            replid = failover.replication_id(await link.request("INFO", "replication"))
+            if replid is None:
+                return  # a server too old to say (before Redis 4): nothing to compare
+            jumped = await link.request(*failover.guard_call(replid))
+        except ReplyError as exc:
+            # An ACL without INFO (``-@dangerous``), a renamed INFO, a key pattern without
+            # sisyphus:replid: serve anyway, without the guard, and say so once.
+            if not self._unguarded:
+                self._unguarded = True
+                log.warning(
+                    "redis: can't check the server's replication history (%s): after a "
+                    "failover that lost writes, ids may be handed out twice; allow INFO and "
+                    "the key %s to the service's user",
+                    exc,
+                    failover.REPLICATION_ID_KEY,
+                )
+            return
+        if jumped:
             log.warning(
                 "redis: the server's replication history changed (a failover, or a restart "
                 "that may have lost writes): ids continue %d further on, so none is reused",
