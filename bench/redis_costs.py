@@ -95,6 +95,14 @@ async def service_costs(redis_port: int, client: redis.Redis, connects: int) -> 
             + per_operation(before, command_calls(client), connects)
         )
         before = command_calls(client)
+        for n in range(connects):  # the same users again, within --subscription-linger
+            await connect_once(port, f"u{n}")
+        await asyncio.sleep(0.5)
+        print(
+            "- the same streams connect and close again, within --subscription-linger: "
+            + per_operation(before, command_calls(client), connects)
+        )
+        before = command_calls(client)
         for n in range(connects):
             await asyncio.to_thread(api_publish, port, "room:1", n)
         await asyncio.sleep(0.3)

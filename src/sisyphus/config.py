@@ -424,6 +424,13 @@ class Settings:
         "means the link is dead and is reconnected",
         "SECONDS",
     )
+    subscription_linger: float = _setting(
+        5.0,
+        _non_negative_float,
+        "seconds a Redis channel stays subscribed after its last stream closed, so that "
+        "a client coming back within them connects with one round trip to Redis; 0: none",
+        "SECONDS",
+    )
     shutdown_drain: float = _setting(
         2.0,
         _non_negative_float,

@@ -255,6 +255,33 @@ async def test_a_tab_that_goes_live_behind_an_earlier_notice_loses_nothing_after
         await service.stop()
 
 
+async def test_a_message_published_while_a_tab_reads_its_snapshot_reaches_it(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],
+) -> None:
+    """A tab whose channels are already subscribed skips the history read only when no
+    message after its snapshot has arrived: one that did (the snapshot's answer late,
+    the pub/sub link quick) still reaches it."""
+    server, proxy, plain = world
+    service = await start(proxy)
+    publisher = RedisPublisher(f"redis://127.0.0.1:{server.port}/0")
+    try:
+        plain.sadd("user:u:channels", "room")
+        first = await SseClient.open(service.port, "user=u")
+        assert (await first.expect()).data == status("ok")
+        slow_command_links(proxy, plain, SLOW)
+        opening = asyncio.ensure_future(SseClient.open(service.port, "user=u"))
+        await asyncio.sleep(0.5 * SLOW)  # the snapshot has run, its answer is on its way
+        publisher.publish("room", "during the handshake")
+        second = await opening
+        assert (await second.expect()).data == status("ok")
+        publisher.publish("room", "marker")
+        for tab in (first, second):
+            assert await messages_until(tab, "marker") == ["during the handshake", "marker"]
+    finally:
+        publisher.close()
+        await service.stop()
+
+
 async def test_a_black_holed_command_link_is_not_ready(
     world: tuple[RedisServer, TcpProxy, redis.Redis],
 ) -> None:

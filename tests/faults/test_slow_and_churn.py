@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -152,10 +153,12 @@ async def test_churn_returns_fds_subscriptions_and_state_to_baseline(
     if broker_kind == "redis":
         assert service.settings.redis_url is not None
         client = redis.Redis.from_url(service.settings.redis_url)
-        for _ in range(200):
+        # The channels linger for --subscription-linger after their last stream left.
+        until = time.monotonic() + service.settings.subscription_linger + 5
+        while time.monotonic() < until:
             if client.pubsub_channels() == []:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
         assert client.pubsub_channels() == []
         assert client.pubsub_numsub("room:shared") == [(b"room:shared", 0)]
         client.close()

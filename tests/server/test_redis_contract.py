@@ -9,6 +9,7 @@ import redis
 
 from sisyphus.config import Settings
 from sisyphus.server.app import Service
+from tests.conftest import ServiceFactory
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.sse_client import SseClient, status
 
@@ -85,11 +86,67 @@ async def test_many_clients_share_one_redis_subscription(
         assert (await client.next_message()).data == "fan out"
     for client in clients:
         await client.close()
-    for _ in range(200):
+    # Unsubscribed once --subscription-linger has passed since the last one left.
+    for _ in range(int(service.settings.subscription_linger * 20) + 100):
         if redis_client.pubsub_numsub("room:5") == [(b"room:5", 0)]:
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
     assert redis_client.pubsub_numsub("room:5") == [(b"room:5", 0)]
+    assert redis_client.pubsub_channels() == []
+
+
+def calls(client: redis.Redis, command: str) -> int:
+    """How many times Redis has run ``command`` (INFO commandstats)."""
+    stats = client.info("commandstats").get(f"cmdstat_{command}")
+    return int(stats["calls"]) if stats else 0
+
+
+async def test_a_client_back_within_the_linger_costs_redis_no_subscribe(
+    make_service: ServiceFactory, redis_client: redis.Redis
+) -> None:
+    """The last stream on a channel closes: Redis keeps the subscription for the linger, a
+    client coming back meanwhile gets it without a SUBSCRIBE (and its messages), and the
+    subscription ends once the linger has passed with nobody on the channel."""
+    service = await make_service(subscription_linger=1.0)
+    redis_client.sadd("user:1:channels", "room:5")
+    first = await connect_ok(service, "1")
+    await first.close()
+    for _ in range(100):
+        if service.hub.stream_count() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert redis_client.pubsub_numsub("room:5") == [(b"room:5", 1)]
+    before = calls(redis_client, "subscribe"), calls(redis_client, "evalsha")
+    again = await connect_ok(service, "1")
+    # No SUBSCRIBE, and one script: the snapshot (no history read, nothing to replay).
+    assert (calls(redis_client, "subscribe"), calls(redis_client, "evalsha")) == (
+        before[0],
+        before[1] + 1,
+    )
+    redis_client.publish("room:5", "still delivered")
+    assert (await again.next_message()).data == "still delivered"
+    await asyncio.sleep(1.5)  # longer than the linger, with a stream on the channel
+    assert redis_client.pubsub_numsub("room:5") == [(b"room:5", 1)]
+    await again.close()
+    for _ in range(100):
+        if redis_client.pubsub_channels() == []:
+            break
+        await asyncio.sleep(0.05)
+    assert redis_client.pubsub_channels() == []
+    assert service.broker.ready  # nothing lingering is waited for
+
+
+async def test_without_a_linger_the_last_stream_unsubscribes_at_once(
+    make_service: ServiceFactory, redis_client: redis.Redis
+) -> None:
+    service = await make_service(subscription_linger=0.0)
+    redis_client.sadd("user:1:channels", "room:5")
+    client = await connect_ok(service, "1")
+    await client.close()
+    for _ in range(100):
+        if redis_client.pubsub_channels() == []:
+            break
+        await asyncio.sleep(0.01)
     assert redis_client.pubsub_channels() == []
 
 

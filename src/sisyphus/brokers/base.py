@@ -45,6 +45,9 @@ class Position:
     epoch: str
     seq: int
     oldest: int = 0
+    # The broker's count of subscription confirmations when the snapshot's read was
+    # sent (0: not counted); see :meth:`Broker.confirmed_before`.
+    confirmations: int = 0
 
 
 class Broker(Protocol):
@@ -80,6 +83,11 @@ class Broker(Protocol):
 
     async def wait_subscribed(self, channels: Iterable[str]) -> None:
         """Return once the broker confirmed every channel in ``channels``."""
+
+    def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:
+        """Whether every channel in ``channels`` was confirmed, and has stayed so, since
+        before the snapshot that returned ``position`` was read: every message on them
+        published after that read is then delivered, none is due in a history read."""
 
     async def barrier(self) -> None:
         """Return once every message published before this call has been delivered."""

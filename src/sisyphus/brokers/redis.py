@@ -124,8 +124,12 @@ class RedisBroker:
         ping_interval: float = 5.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 10.0,
+        linger: float = 0.0,
     ) -> None:
         self._ping_interval = ping_interval
+        # Seconds a channel stays subscribed after its last stream left: a client that
+        # comes back within them (a reconnect, a page load) needs no SUBSCRIBE.
+        self._linger = linger
         self._last_ping = 0.0
         self._url = url
         self._history_size = history_size
@@ -153,7 +157,14 @@ class RedisBroker:
         # channel the (UN)SUBSCRIBE replies still due.
         self._wanted: set[str] = set()
         self._outstanding: dict[str, int] = {}
-        self._confirmed: set[str] = set()
+        # Confirmed channels, each with the number of the confirmation (counted over
+        # the broker's life) that made it so: a snapshot records the count it was read
+        # at, to tell which channels were confirmed before it (see confirmed_before).
+        self._confirmed: dict[str, int] = {}
+        self._confirmations = 0
+        # Channels no stream reads any more, still subscribed until their deadline
+        # (loop time); in the order they were left, so in deadline order.
+        self._lingering: dict[str, float] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.reconnects = 0
         self.malformed = 0  # sequenced messages dropped for a malformed envelope
@@ -189,7 +200,11 @@ class RedisBroker:
     @property
     def ready(self) -> bool:
         """Both links answered, and every channel the hub wants is confirmed subscribed."""
-        return self._link is not None and self._confirmed == self._wanted and self._commands.healthy
+        return (
+            self._link is not None
+            and self._confirmed.keys() == self._wanted
+            and self._commands.healthy
+        )
 
     def tick(self, now: float) -> None:
         """From the service's periodic tick: the links' health, each link's own timeout.
@@ -198,6 +213,8 @@ class RedisBroker:
         network, a failover that kept the TCP connection) is aborted and replaced
         here, not found by waiting for a message.
         """
+        if self._lingering:
+            self._end_lingering(now)
         link = self._link
         if link is not None:
             if link.overdue(now, self._timeout):
@@ -303,6 +320,9 @@ class RedisBroker:
         self._link = link
         self._outstanding.clear()
         self._confirmed.clear()
+        # A new link subscribes what streams read, not what merely lingered.
+        self._wanted.difference_update(self._lingering)
+        self._lingering.clear()
         wanted = sorted(self._wanted)
         for start in range(0, len(wanted), SUBSCRIBE_BATCH):
             self._send_subscriptions("SUBSCRIBE", wanted[start : start + SUBSCRIBE_BATCH])
@@ -359,7 +379,7 @@ class RedisBroker:
     # Subscriptions ---------------------------------------------------------
     def _send_subscriptions(self, verb: str, names: list[str]) -> None:
         link = self._link
-        if link is None:
+        if link is None or not names:
             return
         for name in names:
             self._outstanding[name] = self._outstanding.get(name, 0) + 1
@@ -367,14 +387,47 @@ class RedisBroker:
 
     def subscribe(self, channels: list[str]) -> None:
         names = _names(channels)
+        lingering = self._lingering
+        if lingering:
+            # Still subscribed (or on its way): nothing to send.
+            names = [name for name in names if lingering.pop(name, None) is None]
         self._wanted.update(names)
         self._send_subscriptions("SUBSCRIBE", names)
 
     def unsubscribe(self, channels: list[str]) -> None:
         names = _names(channels)
+        if self._linger > 0:
+            deadline = asyncio.get_running_loop().time() + self._linger
+            for name in names:
+                self._lingering[name] = deadline
+            return
+        self._drop(names)
+
+    def _end_lingering(self, now: float) -> None:
+        ended = []
+        for name, deadline in self._lingering.items():
+            if deadline > now:
+                break
+            ended.append(name)
+        for name in ended:
+            del self._lingering[name]
+        if ended:
+            self._drop(ended)
+
+    def _drop(self, names: list[str]) -> None:
         self._wanted.difference_update(names)
-        self._confirmed.difference_update(names)
+        for name in names:
+            self._confirmed.pop(name, None)
         self._send_subscriptions("UNSUBSCRIBE", names)
+
+    def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:
+        mark = position.confirmations
+        confirmed = self._confirmed
+        for name in _names(channels):
+            number = confirmed.get(name)
+            if number is None or number > mark:
+                return False
+        return mark > 0
 
     async def wait_subscribed(self, channels: Iterable[str]) -> None:
         if self._link is None:
@@ -425,7 +478,8 @@ class RedisBroker:
             return  # a later (UN)SUBSCRIBE of this channel is still on its way
         self._outstanding.pop(name, None)
         if kind == b"subscribe" and name in self._wanted:
-            self._confirmed.add(name)
+            self._confirmations += 1
+            self._confirmed[name] = self._confirmations
             for future in self._waiters.pop(name, ()):
                 if not future.done():
                     future.set_result(None)
@@ -465,10 +519,11 @@ class RedisBroker:
     async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
         keys = [channels_key(user_id), EPOCH_KEY, SEQUENCE_KEY, TIMELINE_KEY]
         args = [new_epoch(), str(int(self._history_max_age))]
+        confirmations = self._confirmations  # the read is sent after this
         kind, epoch, seq, members, oldest = await self._call(
             self._commands.script(SNAPSHOT_SCRIPT, keys, args)
         )
-        position = Position(epoch.decode(), int(seq), int(oldest))
+        position = Position(epoch.decode(), int(seq), int(oldest), confirmations)
         if kind not in (b"set", b"none"):
             log.warning("%s is not a SET: user=%s treated as unknown", keys[0], user_id)
         # Redis deletes empty sets: a missing or empty set is an unknown user.

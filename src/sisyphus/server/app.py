@@ -57,6 +57,7 @@ def make_broker(settings: Settings, wall_clock: Callable[[], float] = time.time)
             history_size=settings.history_size,
             history_max_age=settings.history_max_age,
             ping_interval=settings.broker_ping_interval,
+            linger=settings.subscription_linger,
         )
     return MemoryBroker(settings.history_size, settings.history_max_age, wall_clock)
 

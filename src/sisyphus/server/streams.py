@@ -29,6 +29,7 @@ from sisyphus.protocol.auth import Authenticator, AuthFailure, Identity
 from sisyphus.protocol.cors import CorsPolicy
 from sisyphus.protocol.names import user_channel
 from sisyphus.protocol.resume import (
+    NOTHING_TO_REPLAY,
     EventId,
     InvalidEventId,
     last_event_id,
@@ -216,14 +217,24 @@ class Streams:
             )
             owner.subscriber = sub
             self._hub.add(sub, channels)
-            # Subscribed first, then history: a message is either retained and
-            # replayed, or published later and held.
-            await self._broker.wait_subscribed(channels)
-            # After a reset too: the stream goes on from the snapshot's position, and
-            # what was published while it subscribed must not fall in between.
-            missed = await replay.read_replay(
-                self._broker, settings, position.epoch, channels, start
-            )
+            if (
+                start == position.seq
+                and self._hub.delivered <= start
+                and self._broker.confirmed_before(channels, position)
+            ):
+                # Every channel was subscribed before the snapshot was read, and no
+                # message after it has arrived yet: all of them are still to come and
+                # will be held. The history read would find nothing to add.
+                missed = NOTHING_TO_REPLAY
+            else:
+                # Subscribed first, then history: a message is either retained and
+                # replayed, or published later and held.
+                await self._broker.wait_subscribed(channels)
+                # After a reset too: the stream goes on from the snapshot's position,
+                # and what was published while it subscribed must not fall in between.
+                missed = await replay.read_replay(
+                    self._broker, settings, position.epoch, channels, start
+                )
             if missed.entries:
                 # A replayed message may also be on its way live: wait until every
                 # message published before the history read has arrived, so the
