@@ -8,6 +8,7 @@ gate (a Playwright route) until the test has published what falls in the gap.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import pytest
@@ -254,3 +255,73 @@ async def test_a_tab_reports_ok_once(
 
 async def _opened(service: Service, count: int) -> bool:
     return service.metrics.connections_opened >= count
+
+
+async def test_tabs_joining_behind_a_busy_stream_get_every_message_once(
+    make_service: ServiceFactory, page_server: PageServer, browser: Any
+) -> None:
+    """Messages go out at about 100 a second while three tabs join with ids seconds old:
+    the holder reads the stream again from each joiner's id, and its live events reach a
+    joiner before that replay does. Each joiner must still get every message after its
+    own position, once, in order (delivering a live one first would make it drop the
+    replay as "already had")."""
+    service = await cors_service(make_service, page_server)
+    port = service.port
+    await grant(port, "42", "room:1")
+    context = await browser.new_context()
+    url = page_server.harness(port, "/?user=42")
+    a = await open_tab(context, url)
+    await wait_leader(a)
+    sent: list[str] = []
+    stop = asyncio.Event()
+
+    async def keep_publishing() -> None:
+        n = 0
+        while not stop.is_set():
+            await publish_all(port, [f"busy {n}"], sent)
+            n += 1
+            await asyncio.sleep(0.005)
+
+    async def id_now() -> str:
+        """The id of the last message the holder delivered (one exists by then)."""
+        found = await wait_until(lambda: events(a, "message"), timeout=WAIT)
+        return str(found[-1]["id"])
+
+    publishing = asyncio.create_task(keep_publishing())
+    positions = []
+    for _ in range(3):
+        await asyncio.sleep(1.0)
+        positions.append(await id_now())
+    joiners = []
+    # The middle one first, then one older (the holder rewinds again), then the newest.
+    for position in (positions[1], positions[0], positions[2]):
+        await asyncio.sleep(0.7)
+        page = await context.new_page()
+        await page.goto(page_server.harness(port, "/?user=42", last=position))
+        joiners.append((page, position))
+    await asyncio.sleep(1.5)
+    stop.set()
+    await publishing
+    assert len(sent) > 300, f"only {len(sent)} messages published: not busy enough"
+    await wait_until(lambda: has_all(a, sent), timeout=WAIT)
+    got = await events(a, "message")
+    assert [e["data"] for e in got] == sent
+    seq_of = {e["data"]: int(e["id"].split("-")[1]) for e in got}
+    for page, _ in joiners:  # the last message is live: a tab that lost some gets it too
+        await wait_until(lambda page=page: _got(page, sent[-1]), timeout=WAIT)
+    await asyncio.sleep(0.5)  # room for a duplicate to show up
+    for page, position in joiners:
+        start = int(position.split("-")[1])
+        wanted = [text for text in sent if seq_of[text] > start]
+        found = await events(page, "message")
+        seqs = [int(e["id"].split("-")[1]) for e in found]
+        assert all(x < y for x, y in itertools.pairwise(seqs)), f"out of order from {position}"
+        texts = [e["data"] for e in found]
+        missing = [text for text in wanted if text not in texts]
+        assert texts == wanted, f"joined at {position}: {len(missing)} missing {missing[:5]}"
+        assert await statuses(page) == ["ok"]  # once, though the stream reconnected
+    await context.close()
+
+
+async def _got(page: Any, text: str) -> bool:
+    return text in await messages(page)

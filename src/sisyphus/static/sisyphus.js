@@ -19,6 +19,7 @@ const FIRST_RETRY_MS = 1000; // before the service hinted anything
 const MAX_BACKOFF_MS = 60000;
 const HELLO_WAIT_MS = 150; // a new holder asks the other tabs how far they got
 const MAX_REFRESHES = 2; // token refreshes in a row without an `ok` before giving up
+const CATCH_WAIT_MS = 10000; // a joining tab waits at most this long for its replay
 
 /** Open a stream (or join the one another tab of this origin holds). */
 export function connect(url, options = {}) {
@@ -74,6 +75,9 @@ class Subscription {
     this._lastStatus = null;
     // Where this tab's next stream starts: the last id its previous stream sent.
     this._resume = this._lastId;
+    // A joining tab's position while it waits for the replay from there (see _caught).
+    this._catching = null;
+    this._catchTimer = null;
     this._abort = null; // the running fetch's AbortController
     this._rewinding = false; // that fetch was aborted to read again from further back
     this._timer = null;
@@ -126,6 +130,7 @@ class Subscription {
     if (this._abort) this._abort.abort();
     if (this._lockAbort) this._lockAbort.abort();
     clearTimeout(this._timer);
+    this._caughtUp();
     if (this._wake) this._wake();
     if (this._release) this._release();
   }
@@ -141,6 +146,12 @@ class Subscription {
     this._channel = new BroadcastChannel(name);
     this._channel.onmessage = (event) => this._onBroadcast(event.data);
     this._lockAbort = new AbortController();
+    // A tab with a position may be behind the stream: until its replay begins (or the
+    // holder says none is needed), the holder's live events are ahead of what it lacks.
+    if (this._pos) {
+      this._catching = this._pos;
+      this._catchTimer = setTimeout(() => this._caughtUp(), CATCH_WAIT_MS);
+    }
     this._post({ t: "hello", from: this._tabId, id: this._lastId });
     navigator.locks
       .request(name, { signal: this._lockAbort.signal }, () => this._hold())
@@ -150,6 +161,7 @@ class Subscription {
   async _hold() {
     if (this._stopped) return;
     this._leader = true;
+    this._caughtUp(); // its own stream resumes from its position (or before)
     const held = new Promise((resolve) => (this._release = resolve));
     // The tabs may be at different positions (one joined with an older lastEventId,
     // the old holder's last broadcasts reached some only; this one may have none): resume
@@ -183,17 +195,20 @@ class Subscription {
       this._deliver(message.e, false);
     } else if (message.t === "hello" || message.t === "ask") {
       if (this._gathered && message.id) this._gathered.push(message.id);
-      if (message.t === "hello" && this._leader && message.id) this._rewind(message.id);
       if (message.t === "hello" && !this._leader) return; // the holder answers
       const reply = { t: "here", to: message.from, id: this._lastId };
       if (this._leader) {
         reply.holder = true;
         reply.status = this._lastStatus;
+        reply.rewinding = message.t === "hello" && this._rewind(message.id);
       }
       this._post(reply);
     } else if (message.t === "here" && message.to === this._tabId) {
       if (this._gathered && message.id) this._gathered.push(message.id);
       if (!message.holder || this._leader) return;
+      // No rewind: the holder's stream was not ahead of this tab, so what it sent before
+      // this answer was at or behind this tab's position, and what follows is what it lacks.
+      if (!message.rewinding) this._caughtUp();
       // The holder's answer to this tab's hello: every event it sends from now on
       // reaches this tab, so a tab that had no position has the holder's.
       const pos = parseId(message.id);
@@ -209,15 +224,44 @@ class Subscription {
   // A tab joined at a position behind the stream's (a page rendered a while ago): read
   // the stream again from there, so that it gets what it lacks; the tabs that have it
   // drop it. A joiner from another epoch has nothing to replay (the service would reset).
+  // True when the next stream (this one, reconnected at once) starts from `id`.
   _rewind(id) {
     const pos = parseId(id);
     const at = parseId(this._resume);
-    if (!pos || (at && (pos.epoch !== at.epoch || pos.seq >= at.seq))) return;
+    if (!pos || (at && (pos.epoch !== at.epoch || pos.seq >= at.seq))) return false;
     this._resume = id;
     if (this._abort && !this._abort.signal.aborted) {
       this._rewinding = true; // _run reconnects at once, with no status and no backoff
       this._abort.abort();
     }
+    return true;
+  }
+
+  // Catching up: a tab that joined at a position behind the stream gets the holder's
+  // live events before the replay it asked for (they were on their way, or the rewound
+  // stream is still connecting). Delivering them would move its position past the
+  // replay, which it would then drop as "had". So it drops them (the replay brings them
+  // again, in order) until that replay begins: an `ok` at or before its position (the
+  // rewound stream's, or a new holder's that resumed from the least position). Anything
+  // of another epoch or a `reset` ends it too: no replay from its position will come.
+  // A final status still stops the tab; other statuses are reported, without their ids
+  // (ahead). A plain PUBLISH (never replayed) is missed. True when it is delivered as usual.
+  _caught(e) {
+    const pos = parseId(e.id);
+    const at = this._catching;
+    const ok = e.kind === "status" && e.status === "ok";
+    const reset = e.kind === "status" && e.status === "reset";
+    if (e.final || reset || (pos && pos.epoch !== at.epoch) || (ok && pos && pos.seq <= at.seq)) {
+      this._caughtUp();
+      return true;
+    }
+    if (e.kind === "status" && !ok) this._status(e.status, e.reason);
+    return false;
+  }
+
+  _caughtUp() {
+    this._catching = null;
+    clearTimeout(this._catchTimer);
   }
 
   // Delivery: each event reaches the application once, whichever tab read it -----
@@ -237,6 +281,7 @@ class Subscription {
 
   _deliver(e, own) {
     if (own) this._post({ t: "event", e });
+    if (this._catching && !own && !this._caught(e)) return;
     if (!this._admit(e)) return;
     if (e.kind === "message") {
       const meta = { id: e.id };
