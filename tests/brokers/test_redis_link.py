@@ -168,3 +168,20 @@ async def test_a_failing_loss_listener_never_stops_the_reconnect(
     killer.close()
     assert told == ["lost"] * 3
     assert broker.reconnects == 3
+
+
+async def test_a_wait_for_a_channel_unsubscribed_before_its_confirmation_ends(
+    broker: RedisBroker,
+) -> None:
+    """A refresh waits for a channel it subscribed; the channel's last stream closes before
+    Redis confirms it (no linger): the wait ends at once, instead of running into the
+    broker timeout (which ended every stream of the user with `error`)."""
+    broker.bind(lambda *message: None, lambda: None)
+    await broker.start()
+    broker.subscribe(["news"])
+    waiting = asyncio.ensure_future(broker.wait_subscribed(["news"]))
+    await asyncio.sleep(0)  # waiting, before any answer could arrive
+    broker.unsubscribe(["news"])
+    await asyncio.wait_for(waiting, 0.4)  # the broker's own timeout is 0.5 s
+    broker.subscribe(["news"])  # wanted again: waits for its own confirmation
+    await asyncio.wait_for(broker.wait_subscribed(["news"]), 0.4)

@@ -418,6 +418,11 @@ class RedisBroker:
         self._wanted.difference_update(names)
         for name in names:
             self._confirmed.pop(name, None)
+            # Nobody reads it any more: whoever waited for its confirmation (a refresh
+            # whose stream closed) waits no longer; it will never come.
+            for future in self._waiters.pop(name, ()):
+                if not future.done():
+                    future.set_result(None)
         self._send_subscriptions("UNSUBSCRIBE", names)
 
     def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:
