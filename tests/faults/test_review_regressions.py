@@ -7,6 +7,7 @@ while the command link answers: the situations a loaded network produces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -194,19 +195,32 @@ def slow_command_links(proxy: TcpProxy, plain: redis.Redis, seconds: float) -> N
 SLOW = 0.4
 
 
+@contextlib.asynccontextmanager
+async def first_tab_with_slow_commands(
+    world: tuple[RedisServer, TcpProxy, redis.Redis], *channels: str
+) -> AsyncIterator[tuple[Service, RedisPublisher, SseClient]]:
+    """A service with user u's first tab open on ``channels``, then its command links
+    made slow; a publisher that writes straight to Redis (not slowed)."""
+    server, proxy, plain = world
+    service = await start(proxy)
+    publisher = RedisPublisher(f"redis://127.0.0.1:{server.port}/0")
+    try:
+        plain.sadd("user:u:channels", *channels)
+        first = await SseClient.open(service.port, "user=u")
+        assert (await first.expect()).data == status("ok")
+        slow_command_links(proxy, plain, SLOW)
+        yield service, publisher, first
+    finally:
+        publisher.close()
+        await service.stop()
+
+
 async def test_a_revoke_during_the_refresh_after_a_tab_started_takes_effect(
     world: tuple[RedisServer, TcpProxy, redis.Redis],
 ) -> None:
     """A tab goes live behind a notice while a refresh reads; a revoke that comes during
     the next read: no tab gets a message on the revoked channel."""
-    server, proxy, plain = world
-    service = await start(proxy)
-    publisher = RedisPublisher(f"redis://127.0.0.1:{server.port}/0")
-    try:
-        plain.sadd("user:u:channels", "room", "secret")
-        first = await SseClient.open(service.port, "user=u")
-        assert (await first.expect()).data == status("ok")
-        slow_command_links(proxy, plain, SLOW)
+    async with first_tab_with_slow_commands(world, "room", "secret") as (service, publisher, first):
         opening = asyncio.ensure_future(SseClient.open(service.port, "user=u"))
         await asyncio.sleep(1.5 * SLOW)  # the tab's history read has run
         publisher.publish("user:u", "hello")  # a refresh reads; the tab goes live behind it
@@ -220,9 +234,6 @@ async def test_a_revoke_during_the_refresh_after_a_tab_started_takes_effect(
             got = await messages_until(tab, "marker")
             assert "after the revoke" not in got, got
             assert got[0] == "hello" and got[-1] == "marker", got
-    finally:
-        publisher.close()
-        await service.stop()
 
 
 async def test_a_tab_that_goes_live_behind_an_earlier_notice_loses_nothing_after_it(
@@ -230,14 +241,7 @@ async def test_a_tab_that_goes_live_behind_an_earlier_notice_loses_nothing_after
 ) -> None:
     """A tab's catch-up stops at a notice older than the one a running refresh started
     from: what came between the two reaches that tab too, in order."""
-    server, proxy, plain = world
-    service = await start(proxy)
-    publisher = RedisPublisher(f"redis://127.0.0.1:{server.port}/0")
-    try:
-        plain.sadd("user:u:channels", "room")
-        first = await SseClient.open(service.port, "user=u")
-        assert (await first.expect()).data == status("ok")
-        slow_command_links(proxy, plain, SLOW)
+    async with first_tab_with_slow_commands(world, "room") as (service, publisher, first):
         opening = asyncio.ensure_future(SseClient.open(service.port, "user=u"))
         await asyncio.sleep(0.5 * SLOW)  # the tab's snapshot has run, not its history read
         publisher.publish("user:u", "first notice")
@@ -250,9 +254,6 @@ async def test_a_tab_that_goes_live_behind_an_earlier_notice_loses_nothing_after
         expected = ["first notice", "between", "second notice", "marker"]
         assert await messages_until(second, "marker") == expected
         assert await messages_until(first, "marker") == expected
-    finally:
-        publisher.close()
-        await service.stop()
 
 
 async def test_a_message_published_while_a_tab_reads_its_snapshot_reaches_it(
@@ -261,14 +262,7 @@ async def test_a_message_published_while_a_tab_reads_its_snapshot_reaches_it(
     """A tab whose channels are already subscribed skips the history read only when no
     message after its snapshot has arrived: one that did (the snapshot's answer late,
     the pub/sub link quick) still reaches it."""
-    server, proxy, plain = world
-    service = await start(proxy)
-    publisher = RedisPublisher(f"redis://127.0.0.1:{server.port}/0")
-    try:
-        plain.sadd("user:u:channels", "room")
-        first = await SseClient.open(service.port, "user=u")
-        assert (await first.expect()).data == status("ok")
-        slow_command_links(proxy, plain, SLOW)
+    async with first_tab_with_slow_commands(world, "room") as (service, publisher, first):
         opening = asyncio.ensure_future(SseClient.open(service.port, "user=u"))
         await asyncio.sleep(0.5 * SLOW)  # the snapshot has run, its answer is on its way
         publisher.publish("room", "during the handshake")
@@ -277,9 +271,6 @@ async def test_a_message_published_while_a_tab_reads_its_snapshot_reaches_it(
         publisher.publish("room", "marker")
         for tab in (first, second):
             assert await messages_until(tab, "marker") == ["during the handshake", "marker"]
-    finally:
-        publisher.close()
-        await service.stop()
 
 
 async def test_a_black_holed_command_link_is_not_ready(

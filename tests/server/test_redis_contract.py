@@ -87,12 +87,17 @@ async def test_many_clients_share_one_redis_subscription(
     for client in clients:
         await client.close()
     # Unsubscribed once --subscription-linger has passed since the last one left.
-    for _ in range(int(service.settings.subscription_linger * 20) + 100):
-        if redis_client.pubsub_numsub("room:5") == [(b"room:5", 0)]:
-            break
-        await asyncio.sleep(0.05)
+    await wait_no_channels(redis_client, service.settings.subscription_linger + 5)
     assert redis_client.pubsub_numsub("room:5") == [(b"room:5", 0)]
     assert redis_client.pubsub_channels() == []
+
+
+async def wait_no_channels(client: redis.Redis, seconds: float) -> None:
+    """Poll Redis until no channel is subscribed, for at most ``seconds``."""
+    for _ in range(int(seconds / 0.02)):
+        if client.pubsub_channels() == []:
+            return
+        await asyncio.sleep(0.02)
 
 
 def calls(client: redis.Redis, command: str) -> int:
@@ -128,10 +133,7 @@ async def test_a_client_back_within_the_linger_costs_redis_no_subscribe(
     await asyncio.sleep(1.5)  # longer than the linger, with a stream on the channel
     assert redis_client.pubsub_numsub("room:5") == [(b"room:5", 1)]
     await again.close()
-    for _ in range(100):
-        if redis_client.pubsub_channels() == []:
-            break
-        await asyncio.sleep(0.05)
+    await wait_no_channels(redis_client, 5.0)
     assert redis_client.pubsub_channels() == []
     assert service.broker.ready  # nothing lingering is waited for
 
@@ -143,10 +145,7 @@ async def test_without_a_linger_the_last_stream_unsubscribes_at_once(
     redis_client.sadd("user:1:channels", "room:5")
     client = await connect_ok(service, "1")
     await client.close()
-    for _ in range(100):
-        if redis_client.pubsub_channels() == []:
-            break
-        await asyncio.sleep(0.01)
+    await wait_no_channels(redis_client, 1.0)
     assert redis_client.pubsub_channels() == []
 
 

@@ -104,8 +104,7 @@ class Refresher:
             return
         for sub in self._hub.streams_of(user_id):
             self._hub.hold(sub)  # LIVE -> CATCHING_UP; a STARTING stream holds anyway
-        since = self._since.get(user_id)
-        self._since[user_id] = position if since is None else min(since, position)
+        self._start_next_pass_by(user_id, position)
         if user_id in self._refreshing:
             self._again.add(user_id)
             return
@@ -113,6 +112,11 @@ class Refresher:
         task = self._loop.create_task(self._refresh(user_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _start_next_pass_by(self, user_id: str, position: int) -> None:
+        """The user's next pass starts at ``position`` or before (the earliest asked)."""
+        since = self._since.get(user_id)
+        self._since[user_id] = position if since is None else min(since, position)
 
     def _apply_now(self, user_id: str) -> bool:
         """The refresh done in the notice's own step, when it can be: True if it was.
@@ -165,10 +169,7 @@ class Refresher:
                 if kept_since is not None:
                     # A stream stays held after a notice the read didn't cover: one more
                     # pass, from that notice (the notices before it are settled).
-                    pending = self._since.get(user_id)
-                    self._since[user_id] = (
-                        kept_since if pending is None else min(pending, kept_since)
-                    )
+                    self._start_next_pass_by(user_id, kept_since)
                     self._again.add(user_id)
                 if user_id not in self._again:
                     break
