@@ -20,47 +20,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import c_client
 import procfs
 import wire
+from c_client import build, run
 from targets import STATUS_OK, Nchan, Sisyphus, Target, free_port, pinned, stop_process, wait_port
-
-NATIVE = Path(__file__).resolve().parent / "native"
-
-
-def build(name: str, into: Path) -> Path:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise SystemExit("no C compiler: apt-get install gcc")
-    binary = into / name
-    source = NATIVE / f"{name}.c"
-    subprocess.run([compiler, "-O2", "-Wall", "-o", str(binary), str(source)], check=True)
-    return binary
-
-
-def run(argv: list[str]) -> str:
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1]
 
 
 async def churn(target: Target, binary: Path, users: int, seconds: float, load_cpu: int) -> str:
     target.start()
     try:
         await target.prepare("broadcast", users)
-        path = target.subscriber("broadcast").replace("{i}", "%d")
-        marker = STATUS_OK if target.ready_marker else "\r\n\r\n"
-        before = procfs.total_cpu(target.server_pids())
-        began = time.monotonic()
-        argv = [str(binary), str(target.port), path, marker, str(users), "2", "64"]
-        line = run([*argv, str(seconds), str(load_cpu)])
-        cpu = (procfs.total_cpu(target.server_pids()) - before) / (time.monotonic() - began)
-        return f"{line}, server CPU {100 * cpu:.0f} %"
+        figures = c_client.churn(target, binary, users, seconds, load_cpu)
+        return (
+            f"{figures['cycles_per_s']:.0f} cycles/s, server CPU {figures['server_cpu_pct']:.0f} %"
+        )
     finally:
         target.close()
 

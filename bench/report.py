@@ -75,6 +75,11 @@ def s4_figures(data: dict[str, Any]) -> Figures:
     if "redis_cpu_pct" in data:
         out.append(("S4 churn: Redis CPU (%)", data["redis_cpu_pct"]))
         out.append(("S4 churn: Redis pub/sub conns", data.get("redis_pubsub_conns")))
+    if "c_client_cycles_per_s" in data:
+        out.append(("S4 churn, C client: cycles/s", data["c_client_cycles_per_s"]))
+        out.append(("S4 churn, C client: server CPU (%)", data["c_client_server_cpu_pct"]))
+        if "c_client_redis_cpu_pct" in data:
+            out.append(("S4 churn, C client: Redis CPU (%)", data["c_client_redis_cpu_pct"]))
     return out
 
 

@@ -16,12 +16,14 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import c_client
 import report
 import uvloop
 from pool import LoadPool
@@ -94,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="nginx worker_connections (worker_rlimit_nofile stays 20000)",
     )
     p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument(
+        "--no-c-client",
+        action="store_true",
+        help="S4 without the C churn client (run by default when a C compiler is found)",
+    )
     g = p.add_argument_group("scenario sizes (default: full run; --quick: smaller)")
     g.add_argument("--s1-sizes", type=numbers(int), help="S1 streams held, cumulative")
     g.add_argument("--s1-idle-seconds", type=float, help="S1 CPU window per size")
@@ -188,6 +195,10 @@ async def run(args: argparse.Namespace) -> int:
     await pool.start()
     results: dict[str, dict[str, Any]] = {s: {} for s in scenarios}
     began = time.monotonic()
+    built = tempfile.TemporaryDirectory(prefix="bench-c-")
+    churn_client = None
+    if "S4" in scenarios and not args.no_c_client and c_client.compiler() is not None:
+        churn_client = c_client.build("churn_client", Path(built.name))
     try:
         for scenario in scenarios:
             for target in targets:
@@ -195,7 +206,7 @@ async def run(args: argparse.Namespace) -> int:
                     f"[{time.monotonic() - began:6.1f}s] {scenario} {target.name}", file=sys.stderr
                 )
                 try:
-                    data = await Runner(plan, pool, target).run(scenario)
+                    data = await Runner(plan, pool, target, churn_client).run(scenario)
                     if scenario != "S2":  # S2 is keyed by subscriber count
                         data.update(redis_note(target))
                 except Exception as exc:
@@ -208,6 +219,7 @@ async def run(args: argparse.Namespace) -> int:
         await pool.stop()
         for target in targets:
             target.close()
+        built.cleanup()
     meta["seconds"] = time.monotonic() - began
     json_path, md_path, text = report.write(args.results, meta, results, names)
     print(text)

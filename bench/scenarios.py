@@ -22,8 +22,10 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import c_client
 import procfs
 import wire
 from pool import LoadPool
@@ -91,10 +93,14 @@ class Meter:
 
 
 class Runner:
-    def __init__(self, plan: Plan, pool: LoadPool, target: Target) -> None:
+    def __init__(
+        self, plan: Plan, pool: LoadPool, target: Target, churn_client: Path | None = None
+    ) -> None:
         self.plan = plan
         self.pool = pool
         self.target = target
+        # The C churn client (bench/native/churn_client.c), if built: S4 runs it too.
+        self.churn_client = churn_client
 
     def stream_spec(self, kind: str, count: int = 1) -> dict[str, Any]:
         every = self.plan.sample_every
@@ -345,6 +351,18 @@ class Runner:
             extra = self.extra()  # mid-churn, while streams are subscribed
             answers = await churning
             cpu = meter.read()
+            by_c: dict[str, float] = {}
+            if self.churn_client is not None:
+                # The Python client saturates its core before Nchan does: the C client
+                # shows each server's own rate, on the same running target.
+                by_c = await asyncio.to_thread(
+                    c_client.churn,
+                    self.target,
+                    self.churn_client,
+                    plan.s4_users,
+                    plan.s4_seconds,
+                    self.pool.cpu,
+                )
         finally:
             await self.finish()
         hist: dict[int, int] = {}
@@ -364,6 +382,7 @@ class Runner:
             "concurrency": per_worker * len(self.pool.subscribers),
             **cpu,
             **extra,
+            **{f"c_client_{name}": value for name, value in by_c.items()},
         }
 
     async def run(self, scenario: str) -> dict[str, Any]:

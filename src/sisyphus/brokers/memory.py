@@ -94,7 +94,9 @@ class MemoryBroker:
         return None
 
     def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:
-        return False  # the history is in-process: reading it costs no round trip
+        # Subscribing takes effect at once: if nothing was published since the snapshot,
+        # every later message will be delivered and the history has nothing to add.
+        return position.seq == self._seq and position.epoch == self._epoch
 
     async def barrier(self) -> None:
         return None  # delivery is synchronous with publish
@@ -117,8 +119,11 @@ class MemoryBroker:
             timeline.popleft()
         return timeline[0][1] if timeline else self._seq + 1
 
-    async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
+    async def snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
         return await self.user_channels(user_id), await self.position()
+
+    def snapshot_now(self, user_id: str) -> tuple[Set[str] | None, Position]:
+        return self._sets.get(user_id) or None, Position(self._epoch, self._seq, self._oldest())
 
     async def history(
         self, channels: Iterable[str], after: int, limit: int, max_bytes: int

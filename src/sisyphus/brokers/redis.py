@@ -45,7 +45,7 @@ from sisyphus.brokers.redis_link import (
 )
 from sisyphus.brokers.topology import ask_sentinels, locate, parse_broker_url
 from sisyphus.errors import BrokerUnavailable
-from sisyphus.protocol.names import channels_key, history_key, user_channel
+from sisyphus.protocol.names import USER_CHANNEL_PREFIX, channels_key, history_key, user_channel
 from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry
 
 log = logging.getLogger("sisyphus.redis")
@@ -166,6 +166,16 @@ class RedisBroker:
         # (loop time); in the order they were left, so in deadline order.
         self._lingering: dict[str, float] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        # What a handshake needs, held in-process while it stays true (see snapshot_now):
+        # users' sets, each read while its user:<id> was subscribed, and dropped at the
+        # next message there (the seed's rule: every change of a set is announced on
+        # it) or when user:<id> is unsubscribed; the position of the latest snapshot
+        # read; and the last sequenced message heard on the pub/sub link.
+        self._rights: dict[str, set[str]] = {}
+        self._notices_heard = 0  # messages on user channels, over the broker's life
+        self._known: Position | None = None
+        self._heard_epoch: bytes | None = None
+        self._heard = 0
         self.reconnects = 0
         self.malformed = 0  # sequenced messages dropped for a malformed envelope
         self._unguarded = False  # the failover guard was refused (said once in the log)
@@ -320,6 +330,7 @@ class RedisBroker:
         self._link = link
         self._outstanding.clear()
         self._confirmed.clear()
+        self._forget_snapshots()
         # A new link subscribes what streams read, not what merely lingered.
         self._wanted.difference_update(self._lingering)
         self._lingering.clear()
@@ -358,6 +369,7 @@ class RedisBroker:
         self._link = None
         self._confirmed.clear()
         self._outstanding.clear()
+        self._forget_snapshots()
         self._fail_waiters()
         if self._closing:
             return
@@ -416,8 +428,12 @@ class RedisBroker:
 
     def _drop(self, names: list[str]) -> None:
         self._wanted.difference_update(names)
+        rights = self._rights
         for name in names:
             self._confirmed.pop(name, None)
+            if rights and name.startswith(USER_CHANNEL_PREFIX):
+                # No notice would reach us any more: the set may change unseen.
+                rights.pop(name[len(USER_CHANNEL_PREFIX) :], None)
             # Nobody reads it any more: whoever waited for its confirmation (a refresh
             # whose stream closed) waits no longer; it will never come.
             for future in self._waiters.pop(name, ()):
@@ -426,9 +442,12 @@ class RedisBroker:
         self._send_subscriptions("UNSUBSCRIBE", names)
 
     def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:
-        mark = position.confirmations
+        return self._confirmed_by(_names(channels), position.confirmations)
+
+    def _confirmed_by(self, names: Iterable[str], mark: int) -> bool:
+        """Every one of ``names`` confirmed by the ``mark``-th confirmation, and since."""
         confirmed = self._confirmed
-        for name in _names(channels):
+        for name in names:
             number = confirmed.get(name)
             if number is None or number > mark:
                 return False
@@ -465,9 +484,27 @@ class RedisBroker:
                 return
             epoch, seq, time, body = envelope
             channel = name[len(SEQUENCED_PREFIX_BYTES) :].decode("utf-8", "replace")
+            if epoch == self._heard_epoch:
+                if seq > self._heard:
+                    self._heard = seq
+            else:
+                self._heard_epoch = epoch
+                self._heard = seq
+            if channel.startswith(USER_CHANNEL_PREFIX):
+                self._on_notice(channel)
             self._on_message(channel, body, seq, epoch, time)
             return
-        self._on_message(name.decode("utf-8", "replace"), payload, None, None, 0)
+        channel = name.decode("utf-8", "replace")
+        if channel.startswith(USER_CHANNEL_PREFIX):
+            self._on_notice(channel)
+        self._on_message(channel, payload, None, None, 0)
+
+    def _on_notice(self, channel: str) -> None:
+        """A message on a user's channel: the set may have changed (a read across it
+        may be stale too)."""
+        self._notices_heard += 1
+        if self._rights:
+            self._rights.pop(channel[len(USER_CHANNEL_PREFIX) :], None)
 
     def _drop_malformed(self, name: bytes) -> None:
         self.malformed += 1
@@ -503,12 +540,47 @@ class RedisBroker:
             raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None
 
     def user_channels_now(self, user_id: str) -> tuple[bool, Set[str] | None]:
-        return False, None  # the set lives in Redis: only a read can tell
+        # Asked at a notice's arrival, which is when a held set stops being trusted.
+        return False, None
+
+    def snapshot_now(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
+        """The user's set and a position with no round trip, while both stay true.
+
+        The set: read while ``user:<id>`` was subscribed, with no message on it heard
+        between the read's sending and its answer, and none since (every change of a
+        set is announced there). The position: the latest snapshot read's, moved on to
+        the last sequenced message heard. Every message published after it on a
+        channel confirmed before that read is still to arrive: it was published after
+        that read, or after a message that arrived after it.
+        """
+        members = self._rights.get(user_id)
+        known = self._known
+        if members is None or known is None:
+            return None
+        seq = known.seq
+        if self._heard_epoch is not None:
+            if self._heard_epoch.decode("ascii", "replace") != known.epoch:
+                return None  # the history was renamed since the read: read again
+            if self._heard > seq:
+                seq = self._heard
+        return members, Position(known.epoch, seq, known.oldest, known.confirmations)
+
+    def _remember(self, user_id: str, members: set[str], mark: int, notices: int) -> None:
+        """Keep a set read after the ``mark``-th confirmation if it can't be stale."""
+        if notices == self._notices_heard and self._confirmed_by(
+            _names([user_channel(user_id)]), mark
+        ):
+            self._rights[user_id] = members
+
+    def _forget_snapshots(self) -> None:
+        self._rights.clear()
+        self._known = None
 
     async def user_channels(self, user_id: str) -> set[str] | None:
         # One SMEMBERS (pipelined with whatever else this loop iteration sends): the
         # refresh that every message on user:<id> triggers needs nothing more.
         key = channels_key(user_id)
+        mark, notices = self._confirmations, self._notices_heard
         try:
             members = await self._call(self._commands.call("SMEMBERS", key))
         except BrokerUnavailable as exc:
@@ -519,22 +591,30 @@ class RedisBroker:
         # Redis deletes empty sets: a missing or empty set is an unknown user.
         if not members:
             return None
-        return {member.decode("utf-8", "replace") for member in members}
+        channels = {member.decode("utf-8", "replace") for member in members}
+        self._remember(user_id, channels, mark, notices)
+        return set(channels)  # the caller's own: the held one is never handed out to change
 
-    async def snapshot(self, user_id: str) -> tuple[set[str] | None, Position]:
+    async def snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
         keys = [channels_key(user_id), EPOCH_KEY, SEQUENCE_KEY, TIMELINE_KEY]
         args = [new_epoch(), str(int(self._history_max_age))]
         confirmations = self._confirmations  # the read is sent after this
+        notices = self._notices_heard
         kind, epoch, seq, members, oldest = await self._call(
             self._commands.script(SNAPSHOT_SCRIPT, keys, args)
         )
         position = Position(epoch.decode(), int(seq), int(oldest), confirmations)
+        known = self._known
+        if confirmations > 0 and (known is None or confirmations >= known.confirmations):
+            self._known = position
         if kind not in (b"set", b"none"):
             log.warning("%s is not a SET: user=%s treated as unknown", keys[0], user_id)
         # Redis deletes empty sets: a missing or empty set is an unknown user.
         if not members:
             return None, position
-        return {member.decode("utf-8", "replace") for member in members}, position
+        channels = {member.decode("utf-8", "replace") for member in members}
+        self._remember(user_id, channels, confirmations, notices)
+        return channels, position
 
     async def position(self) -> Position:
         async def read() -> tuple[Any, Any]:

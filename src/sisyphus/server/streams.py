@@ -13,11 +13,11 @@ import asyncio
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from http import HTTPStatus
 from typing import Protocol
 
-from sisyphus.brokers.base import Broker
+from sisyphus.brokers.base import Broker, Position
 from sisyphus.config import Settings
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.hub.hub import Hub
@@ -32,6 +32,7 @@ from sisyphus.protocol.resume import (
     NOTHING_TO_REPLAY,
     EventId,
     InvalidEventId,
+    Replay,
     last_event_id,
     start_position,
 )
@@ -77,6 +78,25 @@ class _Attempt:
         self.head = head
         self.json_flavour = json_flavour
         self.position = position
+
+
+class _Opened:
+    """A stream added to the hub, with where it starts and how its `ok` reads."""
+
+    __slots__ = ("ok_id", "position", "reset", "start", "sub")
+
+    def __init__(
+        self, sub: Subscriber, ok_id: bytes, start: int, reset: str | None, position: Position
+    ) -> None:
+        self.sub = sub
+        self.ok_id = ok_id
+        self.start = start  # the seq the stream replays after
+        self.reset = reset
+        self.position = position  # the snapshot's
+
+    @property
+    def epoch(self) -> str:
+        return self.position.epoch
 
 
 class Streams:
@@ -175,65 +195,39 @@ class Streams:
         identity: Identity,
         claimed: EventId | None,
     ) -> Subscriber | None:
-        settings = self._settings
         user_id = identity.user_id
-        # One deadline for all of the handshake's broker steps (a timer costs more
-        # than the rest of an embedded-broker handshake's waiting, which is none).
-        async with asyncio.timeout(settings.broker_timeout):
-            members, position = await self._broker.snapshot(user_id)
-            self._hub.set_position(position.epoch, position.seq)
-            if members is None:
-                log.info(
-                    "stream refused: unknown user=%s",
-                    user_id,
-                    extra={"event": "stream refused", "reason": "unknown_user"},
+        held = self._broker.snapshot_now(user_id)
+        if held is not None and not self._complete(user_id, claimed, *held):
+            held = None
+        opened: _Opened | None = None
+        if held is not None:
+            # The usual reconnect: the set and position are at hand, and every channel
+            # was subscribed before that position; nothing to wait for, no timer.
+            opened = self._open(owner, attempt, identity, claimed, *held)
+            if opened is None:
+                return None
+            if self._nothing_missed(opened):
+                self._finish(opened, NOTHING_TO_REPLAY, attempt.started)
+                return opened.sub
+        # One deadline for all of the handshake's broker steps.
+        async with asyncio.timeout(self._settings.broker_timeout):
+            if opened is None:
+                opened = self._open(
+                    owner, attempt, identity, claimed, *await self._broker.snapshot(user_id)
                 )
-                self._refuse(attempt, sse.Status.FAILURE, "unknown_user")
-                return None
-            if attempt.transport.is_closing() or self._over_limits(user_id, attempt):
-                return None
-            channels = readable(settings, self._metrics, user_id, members)
-            if channels is None:
-                self._refuse(attempt, sse.Status.FAILURE, "too_many_channels")
-                return None
-            now = self._wall_clock()
-            start, reset = start_position(claimed, position.epoch, position.seq, position.oldest)
-            if claimed is not None and reset is None:
-                ok_id = attempt.position  # resuming: the client's own id
-            else:
-                ok_id = EventId(position.epoch, start, int(now)).encode()
-            expires_at = identity.expires_at
-            if expires_at is not None:
-                expires_at += settings.leeway  # the same leeway as at connect
-            sub = Subscriber(
-                attempt.transport,
-                user_id,
-                attempt.position,
-                settings.max_unsent_bytes,
-                self._loop.time(),
-                json_flavour=attempt.json_flavour,
-                expires_at=expires_at,
-                head=attempt.head,
-            )
-            owner.subscriber = sub
-            self._hub.add(sub, channels)
-            if (
-                start == position.seq
-                and self._hub.delivered <= start
-                and self._broker.confirmed_before(channels, position)
-            ):
-                # Every channel was subscribed before the snapshot was read, and no
-                # message after it has arrived yet: all of them are still to come and
-                # will be held. The history read would find nothing to add.
+                if opened is None:
+                    return None
+            if self._nothing_missed(opened):
                 missed = NOTHING_TO_REPLAY
             else:
                 # Subscribed first, then history: a message is either retained and
                 # replayed, or published later and held.
+                channels = opened.sub.channels
                 await self._broker.wait_subscribed(channels)
                 # After a reset too: the stream goes on from the snapshot's position,
                 # and what was published while it subscribed must not fall in between.
                 missed = await replay.read_replay(
-                    self._broker, settings, position.epoch, channels, start
+                    self._broker, self._settings, opened.epoch, channels, opened.start
                 )
             if missed.entries:
                 # A replayed message may also be on its way live: wait until every
@@ -241,9 +235,93 @@ class Streams:
                 # held ones can be told apart. With nothing replayed, every message
                 # on these channels came after the read and is held or live.
                 await self._broker.barrier()
+        self._finish(opened, missed, attempt.started)
+        return opened.sub
+
+    def _complete(
+        self, user_id: str, claimed: EventId | None, members: Set[str] | None, position: Position
+    ) -> bool:
+        """Whether a snapshot held in-process serves this connect with nothing to read.
+
+        Its position may be behind the broker's: only channels subscribed before it
+        have had every message after it delivered (a stream there would replay
+        older ones), and only a client at that very position (or a first connect)
+        has nothing to replay. Anything else reads the broker's snapshot.
+        """
+        if claimed is not None and (claimed.epoch != position.epoch or claimed.seq != position.seq):
+            return False
+        if members is None:
+            return True  # an unknown user, as of now: refused without a read
+        return self._hub.delivered <= position.seq and self._broker.confirmed_before(
+            [user_channel(user_id), *members], position
+        )
+
+    def _open(
+        self,
+        owner: StreamOwner,
+        attempt: _Attempt,
+        identity: Identity,
+        claimed: EventId | None,
+        members: Set[str] | None,
+        position: Position,
+    ) -> _Opened | None:
+        """The stream from a snapshot, added to the hub (so held from now on), or refused."""
+        settings = self._settings
+        user_id = identity.user_id
+        self._hub.set_position(position.epoch, position.seq)
+        if members is None:
+            log.info(
+                "stream refused: unknown user=%s",
+                user_id,
+                extra={"event": "stream refused", "reason": "unknown_user"},
+            )
+            self._refuse(attempt, sse.Status.FAILURE, "unknown_user")
+            return None
+        if attempt.transport.is_closing() or self._over_limits(user_id, attempt):
+            return None
+        channels = readable(settings, self._metrics, user_id, members)
+        if channels is None:
+            self._refuse(attempt, sse.Status.FAILURE, "too_many_channels")
+            return None
+        start, reset = start_position(claimed, position.epoch, position.seq, position.oldest)
+        if claimed is not None and reset is None:
+            ok_id = attempt.position  # resuming: the client's own id
+        else:
+            ok_id = EventId(position.epoch, start, int(self._wall_clock())).encode()
+        expires_at = identity.expires_at
+        if expires_at is not None:
+            expires_at += settings.leeway  # the same leeway as at connect
+        sub = Subscriber(
+            attempt.transport,
+            user_id,
+            attempt.position,
+            settings.max_unsent_bytes,
+            self._loop.time(),
+            json_flavour=attempt.json_flavour,
+            expires_at=expires_at,
+            head=attempt.head,
+        )
+        owner.subscriber = sub
+        self._hub.add(sub, channels)
+        return _Opened(sub, ok_id, start, reset, position)
+
+    def _nothing_missed(self, opened: _Opened) -> bool:
+        """Every channel was subscribed before the snapshot was read, and no message
+        after it has arrived yet: all of them are still to come and will be held, so a
+        history read would find nothing to add."""
+        return (
+            opened.start == opened.position.seq
+            and self._hub.delivered <= opened.start
+            and self._broker.confirmed_before(opened.sub.channels, opened.position)
+        )
+
+    def _finish(self, opened: _Opened, missed: Replay, started: float) -> None:
+        """Go live with the replay (or reset) and whatever was held meanwhile."""
+        sub, ok_id, start, reset = opened.sub, opened.ok_id, opened.start, opened.reset
+        snapshot_seq = opened.position.seq
         if not sub.held and not missed.entries and missed.reset is None and reset is None:
-            self._go_live(sub, ok_id, [], [], start, position.seq, False, attempt.started)
-            return sub
+            self._go_live(sub, ok_id, [], [], start, snapshot_seq, False, started)
+            return
         frames = []
         reset = reset or missed.reset
         if reset is not None:
@@ -257,8 +335,7 @@ class Streams:
         messages = replay.merge(self._hub.epoch, missed.entries, sub.held, start)
         # An incomplete replay may have skipped a rights notice: re-read the set then.
         refresh = reset is not None
-        self._go_live(sub, ok_id, frames, messages, start, position.seq, refresh, attempt.started)
-        return sub
+        self._go_live(sub, ok_id, frames, messages, start, snapshot_seq, refresh, started)
 
     def _go_live(
         self,
