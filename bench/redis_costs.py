@@ -42,7 +42,8 @@ def per_operation(before: dict[str, int], after: dict[str, int], count: int) -> 
         if after[name] != before.get(name, 0)
     }
     # The service's own periodic checks (PING, INFO) are not per operation.
-    return ", ".join(f"{name} {calls:g}" for name, calls in sorted(moved.items()) if calls >= 0.5)
+    said = ", ".join(f"{name} {calls:g}" for name, calls in sorted(moved.items()) if calls >= 0.5)
+    return said or "no command"
 
 
 async def connect_once(port: int, user: str) -> None:
