@@ -126,10 +126,13 @@ def ratio(value: Any, reference: Any) -> str:
 
 
 def ratio_pairs(targets: list[str]) -> list[tuple[str, str]]:
-    """Each Sisyphus target against Nchan, and Sisyphus on Redis against Nchan on Redis."""
+    """Each Sisyphus target against Nchan, Sisyphus on Redis against Nchan on Redis, and
+    two workers against one."""
     pairs = [(t, REFERENCE) for t in targets if t.startswith("sisyphus") and REFERENCE in targets]
     if "sisyphus-redis" in targets and REDIS_REFERENCE in targets:
         pairs.append(("sisyphus-redis", REDIS_REFERENCE))
+    if "sisyphus-redis" in targets and "sisyphus-redis-w2" in targets:
+        pairs.append(("sisyphus-redis-w2", "sisyphus-redis"))
     return pairs
 
 

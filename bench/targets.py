@@ -15,6 +15,7 @@ and which processes to measure. Scenarios speak of two kinds of subscriber:
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -41,7 +42,7 @@ def free_port() -> int:
         return port
 
 
-def pinned(cpu: int, argv: list[str]) -> list[str]:
+def pinned(cpu: int | str, argv: list[str]) -> list[str]:
     return [shutil.which("taskset") or "taskset", "-c", str(cpu), *argv]
 
 
@@ -156,11 +157,15 @@ class Sisyphus(Target):
             "warning",
         ]
 
+    def cores(self) -> int | str:
+        """Where the server runs (taskset's list)."""
+        return self.cpu
+
     def start(self) -> None:
         self.port = free_port()
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                pinned(self.cpu, self.argv()), stdout=log, stderr=subprocess.STDOUT
+                pinned(self.cores(), self.argv()), stdout=log, stderr=subprocess.STDOUT
             )
         wait_port(self.port, self.process, self.name, self.log)
 
@@ -283,6 +288,24 @@ class SisyphusRedis(OnValkey, Sisyphus):
 
     def publisher(self) -> dict[str, Any]:
         return {"mode": "redis", "host": "127.0.0.1", "port": self.valkey.port}
+
+
+class SisyphusRedisWorkers(SisyphusRedis):
+    """``--workers 2`` on the same Valkey: the supervisor and its workers may run on every
+    core, so on a 2-core machine they share the load generator's core."""
+
+    name = "sisyphus-redis-w2"
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--workers", "2"]
+
+    def cores(self) -> int | str:
+        return ",".join(str(cpu) for cpu in range(os.cpu_count() or 1))
+
+    def server_pids(self) -> list[int]:
+        if self.process is None:
+            return []
+        return [self.process.pid, *procfs.children(self.process.pid)]
 
 
 NGINX_CONF = """\
@@ -433,10 +456,13 @@ def make_targets(
             made.append(Nchan(cpu, keepalive, nchan_buffer, nchan_connections))
         elif name == "sisyphus-redis":
             made.append(SisyphusRedis(cpu, keepalive, redis_cpu))
+        elif name == "sisyphus-redis-w2":
+            made.append(SisyphusRedisWorkers(cpu, keepalive, redis_cpu))
         elif name == "nchan-redis":
             made.append(NchanRedis(cpu, keepalive, redis_cpu, nchan_buffer, nchan_connections))
         else:
             raise SystemExit(
-                f"unknown target {name!r}: sisyphus, nchan, sisyphus-redis or nchan-redis"
+                f"unknown target {name!r}: sisyphus, nchan, sisyphus-redis, "
+                "sisyphus-redis-w2 or nchan-redis"
             )
     return made
