@@ -10,11 +10,13 @@ import pytest
 import redis
 
 from sisyphus.client import RedisPublisher
+from sisyphus.protocol.names import history_key
 from sisyphus.server.app import Service
 from tests.conftest import ServiceFactory
 from tests.faults.test_review_regressions import (  # noqa: F401 (world is a fixture)
     SLOW,
     messages_until,
+    pubsub_link,
     slow_command_links,
     start,
     world,
@@ -180,3 +182,103 @@ async def test_a_first_connect_on_a_channel_granted_since_gets_nothing_older(
         assert await messages_until(second, "after the second tab") == ["after the second tab"]
     finally:
         publisher.close()
+
+
+def seq_of(event_id: str) -> int:
+    return int(event_id.split("-")[1])
+
+
+async def test_a_tab_served_in_process_under_a_lagging_link_only_goes_forward(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],  # noqa: F811
+) -> None:
+    """The pub/sub link lags: a tab served from the held set starts at the last message
+    the process heard. What was still on its way comes after its `ok`, each message once,
+    in order, with ids that only go forward (docs/delivery.md)."""
+    _, proxy, plain = world
+    service = await start(proxy, subscription_linger=30.0)
+    try:
+        plain.sadd("user:u:channels", "room")
+        await held_in_process(service, "u")
+        link = pubsub_link(proxy, plain)
+        link.freeze(to_redis=False)
+        for i in range(3):
+            await service.broker.publish("room", b"old %d" % i)
+        tab = await SseClient.open(service.port, "user=u")
+        ok = await tab.expect()
+        assert ok.data == status("ok")
+        link.thaw()
+        await service.broker.publish("room", b"new")
+        events = []
+        while not events or events[-1].data != "new":
+            events.append(await tab.next_message())
+        assert [event.data for event in events] == ["old 0", "old 1", "old 2", "new"]
+        seqs = [seq_of(ok.id), *(seq_of(event.id) for event in events)]
+        assert seqs == sorted(set(seqs)), seqs
+    finally:
+        await service.stop()
+
+
+async def test_a_page_connecting_at_its_rendered_position_gets_nothing_older(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],  # noqa: F811
+) -> None:
+    """The exact first connect (render `position()`, connect with it) under a lagging
+    link, the user's set held: nothing published before the position reaches the page."""
+    _, proxy, plain = world
+    service = await start(proxy, subscription_linger=30.0)
+    try:
+        plain.sadd("user:u:channels", "room")
+        await held_in_process(service, "u")
+        link = pubsub_link(proxy, plain)
+        link.freeze(to_redis=False)
+        for i in range(3):
+            await service.broker.publish("room", b"old %d" % i)
+        position = await service.broker.position()
+        rendered = f"{position.epoch}-{position.seq}-0"
+        opening = asyncio.ensure_future(
+            SseClient.open(service.port, "user=u", headers={"Last-Event-ID": rendered})
+        )
+        await asyncio.sleep(0.3)
+        link.thaw()
+        tab = await opening
+        assert (await tab.expect()).data == status("ok")
+        await service.broker.publish("room", b"new")
+        assert await messages_until(tab, "new") == ["new"]
+    finally:
+        await service.stop()
+
+
+async def test_a_tab_served_in_process_after_the_sequence_went_back_loses_nothing(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],  # noqa: F811
+) -> None:
+    """Redis lost its latest writes (a restart from a file that lacks them) and the
+    failover guard could not act (an ACL without INFO: the service serves on, unguarded).
+    The highest seq heard on the old pub/sub link outlives the link: a fresh tab starts
+    there, above the broker's sequence, and drops what is published after it connected."""
+    _, proxy, plain = world
+    service = await start(proxy, subscription_linger=30.0)
+    try:
+        plain.sadd("user:u:channels", "room")
+        await held_in_process(service, "u")  # room and user:u linger, subscribed
+        for i in range(8):
+            await service.broker.publish("room", b"before %d" % i)
+        for _ in range(200):
+            if service.hub.delivered >= 8:
+                break
+            await asyncio.sleep(0.01)
+        plain.set("sisyphus:seq", 2)  # the writes of seq 3-8 are lost
+        plain.delete(history_key("room"))
+        pubsub_link(proxy, plain).cut()  # ... and the pub/sub link with them
+        for _ in range(300):
+            if service.broker.ready and service.broker.reconnects:
+                break
+            await asyncio.sleep(0.01)
+        await held_in_process(service, "u")
+        tab = await SseClient.open(service.port, "user=u")
+        assert (await tab.expect()).data == status("ok")
+        for i in range(8):  # seq 3-10: all published after the tab connected
+            await service.broker.publish("room", b"after %d" % i)
+        await service.broker.publish("room", b"marker")
+        got = await asyncio.wait_for(messages_until(tab, "marker"), 5.0)
+        assert got == [f"after {i}" for i in range(8)] + ["marker"]
+    finally:
+        await service.stop()

@@ -95,14 +95,15 @@ class Broker(Protocol):
     async def snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
         """The user's channel set (``None`` if unknown) and the current position.
 
-        The members may be the broker's own (held for :meth:`snapshot_now`): read
+        The members may be the broker's own (held for :meth:`held_snapshot`): read
         them, never change them."""
 
-    def snapshot_now(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
-        """A snapshot with no round trip, when the process holds one it can trust; else
-        ``None`` (only :meth:`snapshot` can tell). Its position may be behind the
-        broker's latest, but never behind a message delivered already, and every
-        message after it on a channel :meth:`confirmed_before` it is still to arrive."""
+    async def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
+        """A snapshot without a read, when the process holds one it can trust; else
+        ``None`` (only :meth:`snapshot` can tell). Its position is at or after every
+        message delivered already, and every later message on a channel
+        :meth:`confirmed_before` it is still to arrive (one published an instant before
+        the call may be among them)."""
 
     async def user_channels(self, user_id: str) -> set[str] | None:
         """The members of ``user:<id>:channels``, or ``None`` if the user is unknown."""

@@ -166,11 +166,11 @@ class RedisBroker:
         # (loop time); in the order they were left, so in deadline order.
         self._lingering: dict[str, float] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        # What a handshake needs, held in-process while it stays true (see snapshot_now):
-        # users' sets, each read while its user:<id> was subscribed, and dropped at the
-        # next message there (the seed's rule: every change of a set is announced on
-        # it) or when user:<id> is unsubscribed; the position of the latest snapshot
-        # read; and the last sequenced message heard on the pub/sub link.
+        # What a handshake needs, held in-process while it stays true (see
+        # held_snapshot): users' sets, each read while its user:<id> was subscribed, and
+        # dropped at the next message there (the seed's rule: every change of a set is
+        # announced on it) or when user:<id> is unsubscribed; the position of the latest
+        # snapshot read; and the last sequenced message heard on this pub/sub link.
         self._rights: dict[str, set[str]] = {}
         self._notices_heard = 0  # messages on user channels, over the broker's life
         self._known: Position | None = None
@@ -543,15 +543,17 @@ class RedisBroker:
         # Asked at a notice's arrival, which is when a held set stops being trusted.
         return False, None
 
-    def snapshot_now(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
+    async def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
         """The user's set and a position with no round trip, while both stay true.
 
         The set: read while ``user:<id>`` was subscribed, with no message on it heard
         between the read's sending and its answer, and none since (every change of a
         set is announced there). The position: the latest snapshot read's, moved on to
-        the last sequenced message heard. Every message published after it on a
+        the last sequenced message heard on this link. Every message after it on a
         channel confirmed before that read is still to arrive: it was published after
-        that read, or after a message that arrived after it.
+        that read, or after a message that arrived after it. A message published just
+        before this call may still be on its way, and then comes after the position
+        (the price of no round trip; see docs/delivery.md).
         """
         members = self._rights.get(user_id)
         known = self._known
@@ -575,6 +577,9 @@ class RedisBroker:
     def _forget_snapshots(self) -> None:
         self._rights.clear()
         self._known = None
+        # What a new link hears is its own: the server may even have lost writes.
+        self._heard_epoch = None
+        self._heard = 0
 
     async def user_channels(self, user_id: str) -> set[str] | None:
         # One SMEMBERS (pipelined with whatever else this loop iteration sends): the

@@ -196,27 +196,16 @@ class Streams:
         claimed: EventId | None,
     ) -> Subscriber | None:
         user_id = identity.user_id
-        held = self._broker.snapshot_now(user_id)
-        if held is not None and not self._complete(user_id, claimed, *held):
-            held = None
-        opened: _Opened | None = None
-        if held is not None:
-            # The usual reconnect: the set and position are at hand, and every channel
-            # was subscribed before that position; nothing to wait for, no timer.
-            opened = self._open(owner, attempt, identity, claimed, *held)
-            if opened is None:
-                return None
-            if self._nothing_missed(opened):
-                self._finish(opened, NOTHING_TO_REPLAY, attempt.started)
-                return opened.sub
         # One deadline for all of the handshake's broker steps.
         async with asyncio.timeout(self._settings.broker_timeout):
+            # The usual reconnect: the set and position are at hand, and every channel
+            # was subscribed before that position. Anything else reads the broker.
+            snapshot = await self._broker.held_snapshot(user_id)
+            if snapshot is None or not self._complete(user_id, claimed, *snapshot):
+                snapshot = await self._broker.snapshot(user_id)
+            opened = self._open(owner, attempt, identity, claimed, *snapshot)
             if opened is None:
-                opened = self._open(
-                    owner, attempt, identity, claimed, *await self._broker.snapshot(user_id)
-                )
-                if opened is None:
-                    return None
+                return None
             if self._nothing_missed(opened):
                 missed = NOTHING_TO_REPLAY
             else:
@@ -244,7 +233,7 @@ class Streams:
         """Whether a snapshot held in-process serves this connect with nothing to read.
 
         Its position may be behind the broker's: only channels subscribed before it
-        have had every message after it delivered (a stream there would replay
+        have had every message after it delivered (on another, a stream would replay
         older ones), and only a client at that very position (or a first connect)
         has nothing to replay. Anything else reads the broker's snapshot.
         """
