@@ -200,7 +200,7 @@ class GatedBroker(MemoryBroker):
         await self._hold("snapshot", user_id)
         return await super().snapshot(user_id)
 
-    async def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
+    def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
         return None  # every handshake reads, so the gated step is reached
 
     def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:

@@ -98,7 +98,7 @@ class Broker(Protocol):
         The members may be the broker's own (held for :meth:`held_snapshot`): read
         them, never change them."""
 
-    async def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
+    def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
         """A snapshot without a read, when the process holds one it can trust; else
         ``None`` (only :meth:`snapshot` can tell). Its position is at or after every
         message delivered already, and every later message on a channel

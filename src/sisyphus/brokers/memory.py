@@ -122,7 +122,7 @@ class MemoryBroker:
     async def snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
         return await self.user_channels(user_id), await self.position()
 
-    async def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
+    def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
         return self._sets.get(user_id) or None, Position(self._epoch, self._seq, self._oldest())
 
     async def history(

@@ -543,7 +543,7 @@ class RedisBroker:
         # Asked at a notice's arrival, which is when a held set stops being trusted.
         return False, None
 
-    async def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
+    def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
         """The user's set and a position with no round trip, while both stay true.
 
         The set: read while ``user:<id>`` was subscribed, with no message on it heard

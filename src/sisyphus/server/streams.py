@@ -196,16 +196,26 @@ class Streams:
         claimed: EventId | None,
     ) -> Subscriber | None:
         user_id = identity.user_id
-        # One deadline for all of the handshake's broker steps.
-        async with asyncio.timeout(self._settings.broker_timeout):
+        held = self._broker.held_snapshot(user_id)
+        if held is not None and not self._complete(user_id, claimed, *held):
+            held = None
+        opened: _Opened | None = None
+        if held is not None:
             # The usual reconnect: the set and position are at hand, and every channel
-            # was subscribed before that position. Anything else reads the broker.
-            snapshot = await self._broker.held_snapshot(user_id)
-            if snapshot is None or not self._complete(user_id, claimed, *snapshot):
-                snapshot = await self._broker.snapshot(user_id)
-            opened = self._open(owner, attempt, identity, claimed, *snapshot)
+            # was subscribed before that position: nothing to wait for, so no timer.
+            opened = self._open(owner, attempt, identity, claimed, *held)
             if opened is None:
                 return None
+            if self._nothing_missed(opened):
+                self._finish(opened, NOTHING_TO_REPLAY, attempt.started)
+                return opened.sub
+        # One deadline for all of the handshake's broker steps.
+        async with asyncio.timeout(self._settings.broker_timeout):
+            if opened is None:
+                snapshot = await self._broker.snapshot(user_id)
+                opened = self._open(owner, attempt, identity, claimed, *snapshot)
+                if opened is None:
+                    return None
             if self._nothing_missed(opened):
                 missed = NOTHING_TO_REPLAY
             else:
