@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Coroutine
 from http import HTTPStatus
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sisyphus.errors import PeerError
 from sisyphus.hub.subscriber import Subscriber
@@ -216,7 +217,48 @@ class HttpConnection(asyncio.Protocol):
         self._service.handshakes.pop(self, None)
         self._queue.extend(requests)
         if self._task is None:
+            if len(requests) == 1 and len(self._queue) == 1 and self._stream_now(requests[0]):
+                return
             self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def _stream_now(self, request: http.Request) -> bool:
+        """A lone ``GET /``: the stream's handshake runs in this step as far as it can (a
+        reconnect served from what the process holds needs no task at all). False if
+        the request is anything else, for ``_serve``."""
+        transport = self.transport
+        if (
+            request.path != STREAM_PATH
+            or request.method != "GET"
+            or transport is None
+            or transport.is_closing()
+            or self._writing_paused
+        ):
+            return False
+        self._become_stream()
+        try:
+            rest = self._service.streams.open_now(self, transport, request)
+        except Exception:
+            self._failed(transport, [])
+            return True
+        if rest is not None:
+            self._task = asyncio.get_running_loop().create_task(self._finish_stream(rest))
+        return True
+
+    def _become_stream(self) -> None:
+        self._reader = None  # the connection is a stream from now on
+        self._queue.clear()
+        self._unread = b""
+        self._resume_reading()  # a stream notices its peer's close by reading
+
+    async def _finish_stream(self, rest: Coroutine[Any, Any, None]) -> None:
+        transport = self.transport
+        try:
+            await rest
+        except Exception:
+            if transport is not None:
+                self._failed(transport, [])
+        finally:
+            self._task = None
 
     def _reject(self, status: HTTPStatus, message: str) -> None:
         self._service.metrics.bad_requests += 1
@@ -273,10 +315,7 @@ class HttpConnection(asyncio.Protocol):
                         self._close(transport, answers)
                         return
                     _write(transport, answers)
-                    self._reader = None  # the connection is a stream from now on
-                    self._queue.clear()
-                    self._unread = b""
-                    self._resume_reading()  # a stream notices its peer's close by reading
+                    self._become_stream()
                     await service.streams.open(self, transport, request)
                     return
                 elif request.path in ops.ROUTES:
@@ -326,17 +365,21 @@ class HttpConnection(asyncio.Protocol):
                 self._send_continue(reader)
                 self._await_request()  # keep-alive: the next request has the same time bound
         except Exception:
-            # The process never dies of a request: log it, answer 500 if nothing was sent.
-            log.exception(
-                "request from %s failed",
-                self._peer,
-                extra={"event": "request failed", "peer": self._peer},
-            )
-            if self.subscriber is None and not transport.is_closing():
-                answers.append(http.response(HTTPStatus.INTERNAL_SERVER_ERROR, b"{}", headers=vary))
-            self._close(transport, answers)
+            self._failed(transport, answers)
         finally:
             self._task = None
+
+    def _failed(self, transport: asyncio.Transport, answers: list[bytes]) -> None:
+        """The process never dies of a request: log it, answer 500 if nothing was sent."""
+        log.exception(
+            "request from %s failed",
+            self._peer,
+            extra={"event": "request failed", "peer": self._peer},
+        )
+        if self.subscriber is None and not transport.is_closing():
+            vary = self._service.cors.vary
+            answers.append(http.response(HTTPStatus.INTERNAL_SERVER_ERROR, b"{}", headers=vary))
+        self._close(transport, answers)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._service.open_connections -= 1

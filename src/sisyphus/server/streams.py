@@ -13,9 +13,9 @@ import asyncio
 import logging
 import resource
 import time
-from collections.abc import Callable, Set
+from collections.abc import Callable, Coroutine, Set
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 
 from sisyphus.brokers.base import Broker, Position
 from sisyphus.config import Settings
@@ -132,6 +132,16 @@ class Streams:
         self, owner: StreamOwner, transport: StreamTransport, request: http.Request
     ) -> None:
         """Run the handshake of a ``GET /`` stream up to the `ok` status (or a closing one)."""
+        rest = self.open_now(owner, transport, request)
+        if rest is not None:
+            await rest
+
+    def open_now(
+        self, owner: StreamOwner, transport: StreamTransport, request: http.Request
+    ) -> Coroutine[Any, Any, None] | None:
+        """The handshake as far as it goes without waiting: ``None`` when the stream got
+        its answer (refused, or live from a snapshot the process holds), else the rest
+        to await (the broker's reads)."""
         started = time.perf_counter()  # uvloop's loop clock has a resolution of 1 ms
         try:
             claimed = last_event_id(request, self._settings.max_last_event_id_bytes)
@@ -141,7 +151,7 @@ class Streams:
             body = http.error_body(str(exc))
             transport.write(http.response(HTTPStatus.BAD_REQUEST, body, headers=cors))
             transport.close()
-            return
+            return None
         # A refusal repeats the client's own position: the id it sent, or, on a first
         # connect, where a stream opened now would start (it never moves a client on).
         attempt = _Attempt(
@@ -155,7 +165,7 @@ class Streams:
             # A kept-alive connection (a proxy's upstream pool) may still bring streams
             # after the listener closed: send them on to the next process.
             self._refuse(attempt, sse.Status.ERROR, "shutting_down", shutdown_retry_ms())
-            return
+            return None
         try:
             identity = self._auth.identify(request)
         except AuthFailure as failure:
@@ -166,11 +176,27 @@ class Streams:
                 extra={"event": "stream refused", "reason": failure.reason},
             )
             self._refuse(attempt, sse.Status.FAILURE, failure.reason)
-            return
+            return None
         if self._auth.development_mode:
             self._warn_development_mode(identity.user_id)
         if self._over_limits(identity.user_id, attempt):
-            return
+            return None
+        try:
+            if self._start_held(owner, attempt, identity, claimed):
+                return None
+        except Exception:
+            log.exception("stream user=%s: handshake failed", identity.user_id)
+            self._fail(owner, attempt, "internal_error")
+            return None
+        return self._start_reading(owner, attempt, identity, claimed)
+
+    async def _start_reading(
+        self,
+        owner: StreamOwner,
+        attempt: _Attempt,
+        identity: Identity,
+        claimed: EventId | None,
+    ) -> None:
         try:
             await self._start(owner, attempt, identity, claimed)
         except (BrokerUnavailable, TimeoutError) as exc:
@@ -188,6 +214,25 @@ class Streams:
         else:
             self._refuse(attempt, sse.Status.ERROR, reason)
 
+    def _start_held(
+        self,
+        owner: StreamOwner,
+        attempt: _Attempt,
+        identity: Identity,
+        claimed: EventId | None,
+    ) -> bool:
+        """The usual reconnect, with nothing to wait for: the set and position are held
+        in-process and every channel was subscribed before that position. True if the
+        stream got its answer; False if the broker must be read (nothing was done)."""
+        held = self._broker.held_snapshot(identity.user_id)
+        if held is None or not self._complete(identity.user_id, claimed, *held):
+            return False
+        opened = self._open(owner, attempt, identity, claimed, *held)
+        if opened is not None:
+            # _complete held in this same step: nothing is missed (see _nothing_missed).
+            self._finish(opened, NOTHING_TO_REPLAY, attempt.started)
+        return True
+
     async def _start(
         self,
         owner: StreamOwner,
@@ -195,27 +240,12 @@ class Streams:
         identity: Identity,
         claimed: EventId | None,
     ) -> Subscriber | None:
-        user_id = identity.user_id
-        held = self._broker.held_snapshot(user_id)
-        if held is not None and not self._complete(user_id, claimed, *held):
-            held = None
-        opened: _Opened | None = None
-        if held is not None:
-            # The usual reconnect: the set and position are at hand, and every channel
-            # was subscribed before that position: nothing to wait for, so no timer.
-            opened = self._open(owner, attempt, identity, claimed, *held)
-            if opened is None:
-                return None
-            if self._nothing_missed(opened):
-                self._finish(opened, NOTHING_TO_REPLAY, attempt.started)
-                return opened.sub
         # One deadline for all of the handshake's broker steps.
         async with asyncio.timeout(self._settings.broker_timeout):
+            snapshot = await self._broker.snapshot(identity.user_id)
+            opened = self._open(owner, attempt, identity, claimed, *snapshot)
             if opened is None:
-                snapshot = await self._broker.snapshot(user_id)
-                opened = self._open(owner, attempt, identity, claimed, *snapshot)
-                if opened is None:
-                    return None
+                return None
             if self._nothing_missed(opened):
                 missed = NOTHING_TO_REPLAY
             else:
