@@ -162,8 +162,9 @@ class RedisBroker:
         # at, to tell which channels were confirmed before it (see confirmed_before).
         self._confirmed: dict[str, int] = {}
         self._confirmations = 0
-        # Channels no stream reads any more, still subscribed until their deadline
-        # (loop time); in the order they were left, so in deadline order.
+        # Hub channels no stream reads any more, still subscribed (both Redis channels)
+        # until their deadline (loop time); in the order they were left, so in deadline
+        # order.
         self._lingering: dict[str, float] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         # What a handshake needs, held in-process while it stays true (see
@@ -176,6 +177,7 @@ class RedisBroker:
         self._known: Position | None = None
         self._heard_epoch: bytes | None = None
         self._heard = 0
+        self._held_position: tuple[Position, Position] | None = None
         self.reconnects = 0
         self.malformed = 0  # sequenced messages dropped for a malformed envelope
         self._unguarded = False  # the failover guard was refused (said once in the log)
@@ -332,7 +334,7 @@ class RedisBroker:
         self._confirmed.clear()
         self._forget_snapshots()
         # A new link subscribes what streams read, not what merely lingered.
-        self._wanted.difference_update(self._lingering)
+        self._wanted.difference_update(_names(self._lingering))
         self._lingering.clear()
         wanted = sorted(self._wanted)
         for start in range(0, len(wanted), SUBSCRIBE_BATCH):
@@ -398,33 +400,35 @@ class RedisBroker:
         link.send((verb, *names))
 
     def subscribe(self, channels: list[str]) -> None:
-        names = _names(channels)
         lingering = self._lingering
         if lingering:
             # Still subscribed (or on its way): nothing to send.
-            names = [name for name in names if lingering.pop(name, None) is None]
+            channels = [channel for channel in channels if lingering.pop(channel, None) is None]
+            if not channels:
+                return
+        names = _names(channels)
         self._wanted.update(names)
         self._send_subscriptions("SUBSCRIBE", names)
 
     def unsubscribe(self, channels: list[str]) -> None:
-        names = _names(channels)
         if self._linger > 0:
             deadline = asyncio.get_running_loop().time() + self._linger
-            for name in names:
-                self._lingering[name] = deadline
+            lingering = self._lingering
+            for channel in channels:
+                lingering[channel] = deadline
             return
-        self._drop(names)
+        self._drop(_names(channels))
 
     def _end_lingering(self, now: float) -> None:
         ended = []
-        for name, deadline in self._lingering.items():
+        for channel, deadline in self._lingering.items():
             if deadline > now:
                 break
-            ended.append(name)
-        for name in ended:
-            del self._lingering[name]
+            ended.append(channel)
+        for channel in ended:
+            del self._lingering[channel]
         if ended:
-            self._drop(ended)
+            self._drop(_names(ended))
 
     def _drop(self, names: list[str]) -> None:
         self._wanted.difference_update(names)
@@ -442,16 +446,22 @@ class RedisBroker:
         self._send_subscriptions("UNSUBSCRIBE", names)
 
     def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:
-        return self._confirmed_by(_names(channels), position.confirmations)
+        return self._confirmed_by(channels, position.confirmations)
 
-    def _confirmed_by(self, names: Iterable[str], mark: int) -> bool:
-        """Every one of ``names`` confirmed by the ``mark``-th confirmation, and since."""
+    def _confirmed_by(self, channels: Iterable[str], mark: int) -> bool:
+        """Both Redis channels of every one of ``channels`` confirmed by the ``mark``-th
+        confirmation, and since."""
+        if mark <= 0:
+            return False
         confirmed = self._confirmed
-        for name in names:
-            number = confirmed.get(name)
+        for channel in channels:
+            number = confirmed.get(channel)
             if number is None or number > mark:
                 return False
-        return mark > 0
+            number = confirmed.get(sequenced_channel(channel))
+            if number is None or number > mark:
+                return False
+        return True
 
     async def wait_subscribed(self, channels: Iterable[str]) -> None:
         if self._link is None:
@@ -565,13 +575,17 @@ class RedisBroker:
                 return None  # the history was renamed since the read: read again
             if self._heard > seq:
                 seq = self._heard
-        return members, Position(known.epoch, seq, known.oldest, known.confirmations)
+        made = self._held_position  # one Position while neither part moves
+        if made is None or made[0] is not known or made[1].seq != seq:
+            made = self._held_position = (
+                known,
+                Position(known.epoch, seq, known.oldest, known.confirmations),
+            )
+        return members, made[1]
 
     def _remember(self, user_id: str, members: set[str], mark: int, notices: int) -> None:
         """Keep a set read after the ``mark``-th confirmation if it can't be stale."""
-        if notices == self._notices_heard and self._confirmed_by(
-            _names([user_channel(user_id)]), mark
-        ):
+        if notices == self._notices_heard and self._confirmed_by([user_channel(user_id)], mark):
             self._rights[user_id] = members
 
     def _forget_snapshots(self) -> None:
