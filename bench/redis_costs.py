@@ -87,30 +87,18 @@ async def service_costs(redis_port: int, client: redis.Redis, connects: int) -> 
             client.sadd(f"user:u{n}:channels", "room:1")
         await connect_once(port, "u0")  # room:1 subscribed: what follows is per connect
         await asyncio.sleep(0.3)
-        before = command_calls(client)
-        for n in range(connects):
-            await connect_once(port, f"u{n}")
-        await asyncio.sleep(0.5)
-        print(
-            f"- a stream connects and closes ({connects} times, one after another): "
-            + per_operation(before, command_calls(client), connects)
-        )
-        before = command_calls(client)
-        for n in range(connects):  # the same users again, within --subscription-linger
-            await connect_once(port, f"u{n}")
-        await asyncio.sleep(0.5)
-        print(
-            "- the same streams connect and close again, within --subscription-linger: "
-            + per_operation(before, command_calls(client), connects)
-        )
-        before = command_calls(client)
-        for n in range(connects):  # their sets were read while user:<id> was subscribed
-            await connect_once(port, f"u{n}")
-        await asyncio.sleep(0.5)
-        print(
-            "- and a third time (each set now held in the process, no notice since): "
-            + per_operation(before, command_calls(client), connects)
-        )
+        passes = [
+            f"a stream connects and closes ({connects} times, one after another)",
+            "the same streams connect and close again, within --subscription-linger",
+            # Their sets were read while user:<id> was subscribed.
+            "and a third time (each set now held in the process, no notice since)",
+        ]
+        for said in passes:
+            before = command_calls(client)
+            for n in range(connects):
+                await connect_once(port, f"u{n}")
+            await asyncio.sleep(0.5)
+            print(f"- {said}: " + per_operation(before, command_calls(client), connects))
         before = command_calls(client)
         for n in range(connects):
             await asyncio.to_thread(api_publish, port, "room:1", n)

@@ -5,6 +5,8 @@ unsubscribed. A change the main app announces is never missed by a later connect
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -24,7 +26,7 @@ from tests.faults.test_review_regressions import (  # noqa: F401 (world is a fix
 from tests.server.test_redis_contract import connect_ok, wait_no_channels
 from tests.support.redis_server import RedisServer
 from tests.support.sse_client import SseClient, status
-from tests.support.tcp_proxy import TcpProxy
+from tests.support.tcp_proxy import Link, TcpProxy
 
 
 @pytest.fixture
@@ -188,12 +190,12 @@ def seq_of(event_id: str) -> int:
     return int(event_id.split("-")[1])
 
 
-async def test_a_tab_served_in_process_under_a_lagging_link_only_goes_forward(
+@contextlib.asynccontextmanager
+async def held_user_behind_a_lagging_link(
     world: tuple[RedisServer, TcpProxy, redis.Redis],  # noqa: F811
-) -> None:
-    """The pub/sub link lags: a tab served from the held set starts at the last message
-    the process heard. What was still on its way comes after its `ok`, each message once,
-    in order, with ids that only go forward (docs/delivery.md)."""
+) -> AsyncIterator[tuple[Service, Link]]:
+    """User u's set held in-process, then the pub/sub link frozen towards the service
+    and three messages on u's room published (and acknowledged) behind it."""
     _, proxy, plain = world
     service = await start(proxy, subscription_linger=30.0)
     try:
@@ -203,6 +205,18 @@ async def test_a_tab_served_in_process_under_a_lagging_link_only_goes_forward(
         link.freeze(to_redis=False)
         for i in range(3):
             await service.broker.publish("room", b"old %d" % i)
+        yield service, link
+    finally:
+        await service.stop()
+
+
+async def test_a_tab_served_in_process_under_a_lagging_link_only_goes_forward(
+    world: tuple[RedisServer, TcpProxy, redis.Redis],  # noqa: F811
+) -> None:
+    """The pub/sub link lags: a tab served from the held set starts at the last message
+    the process heard. What was still on its way comes after its `ok`, each message once,
+    in order, with ids that only go forward (docs/delivery.md)."""
+    async with held_user_behind_a_lagging_link(world) as (service, link):
         tab = await SseClient.open(service.port, "user=u")
         ok = await tab.expect()
         assert ok.data == status("ok")
@@ -214,8 +228,6 @@ async def test_a_tab_served_in_process_under_a_lagging_link_only_goes_forward(
         assert [event.data for event in events] == ["old 0", "old 1", "old 2", "new"]
         seqs = [seq_of(ok.id), *(seq_of(event.id) for event in events)]
         assert seqs == sorted(set(seqs)), seqs
-    finally:
-        await service.stop()
 
 
 async def test_a_page_connecting_at_its_rendered_position_gets_nothing_older(
@@ -223,15 +235,7 @@ async def test_a_page_connecting_at_its_rendered_position_gets_nothing_older(
 ) -> None:
     """The exact first connect (render `position()`, connect with it) under a lagging
     link, the user's set held: nothing published before the position reaches the page."""
-    _, proxy, plain = world
-    service = await start(proxy, subscription_linger=30.0)
-    try:
-        plain.sadd("user:u:channels", "room")
-        await held_in_process(service, "u")
-        link = pubsub_link(proxy, plain)
-        link.freeze(to_redis=False)
-        for i in range(3):
-            await service.broker.publish("room", b"old %d" % i)
+    async with held_user_behind_a_lagging_link(world) as (service, link):
         position = await service.broker.position()
         rendered = f"{position.epoch}-{position.seq}-0"
         opening = asyncio.ensure_future(
@@ -243,8 +247,6 @@ async def test_a_page_connecting_at_its_rendered_position_gets_nothing_older(
         assert (await tab.expect()).data == status("ok")
         await service.broker.publish("room", b"new")
         assert await messages_until(tab, "new") == ["new"]
-    finally:
-        await service.stop()
 
 
 async def test_a_tab_served_in_process_after_the_sequence_went_back_loses_nothing(

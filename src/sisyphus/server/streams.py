@@ -94,10 +94,6 @@ class _Opened:
         self.reset = reset
         self.position = position  # the snapshot's
 
-    @property
-    def epoch(self) -> str:
-        return self.position.epoch
-
 
 class Streams:
     def __init__(
@@ -256,7 +252,7 @@ class Streams:
                 # After a reset too: the stream goes on from the snapshot's position,
                 # and what was published while it subscribed must not fall in between.
                 missed = await replay.read_replay(
-                    self._broker, self._settings, opened.epoch, channels, opened.start
+                    self._broker, self._settings, opened.position.epoch, channels, opened.start
                 )
             if missed.entries:
                 # A replayed message may also be on its way live: wait until every
