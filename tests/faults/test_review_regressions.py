@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import redis
@@ -302,9 +302,9 @@ async def test_a_black_holed_command_link_is_not_ready(
 class SlowRights(MemoryBroker):
     """The embedded broker whose rights reads take 50 ms, as a loaded Redis would."""
 
-    async def user_channels(self, user_id: str) -> set[str] | None:
+    async def user_channels_many(self, user_ids: Sequence[str]) -> list[set[str] | None]:
         await asyncio.sleep(0.05)
-        return await super().user_channels(user_id)
+        return await super().user_channels_many(user_ids)
 
 
 async def test_steady_personal_messages_never_starve_a_stream() -> None:

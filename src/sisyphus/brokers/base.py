@@ -12,7 +12,7 @@ per channel (bounded by count and age) so streams can resume.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,8 +105,9 @@ class Broker(Protocol):
         :meth:`confirmed_before` it is still to arrive (one published an instant before
         the call may be among them)."""
 
-    async def user_channels(self, user_id: str) -> set[str] | None:
-        """The members of ``user:<id>:channels``, or ``None`` if the user is unknown."""
+    async def user_channels_many(self, user_ids: Sequence[str]) -> list[set[str] | None]:
+        """For each user, the members of ``user:<id>:channels``, or ``None`` if the user
+        is unknown; all read together (one round trip on Redis)."""
 
     def user_channels_now(self, user_id: str) -> tuple[bool, Set[str] | None]:
         """The user's set as of this instant, when the process holds it (no round trip):

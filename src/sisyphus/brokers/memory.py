@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import secrets
 import time
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Callable, Iterable, Sequence, Set
 
 from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
 from sisyphus.protocol.names import user_channel
@@ -101,7 +101,10 @@ class MemoryBroker:
     async def barrier(self) -> None:
         return None  # delivery is synchronous with publish
 
-    async def user_channels(self, user_id: str) -> set[str] | None:
+    async def user_channels_many(self, user_ids: Sequence[str]) -> list[set[str] | None]:
+        return [self._copy_of_set(user_id) for user_id in user_ids]
+
+    def _copy_of_set(self, user_id: str) -> set[str] | None:
         members = self._sets.get(user_id)
         return set(members) if members else None
 
@@ -120,7 +123,7 @@ class MemoryBroker:
         return timeline[0][1] if timeline else self._seq + 1
 
     async def snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
-        return await self.user_channels(user_id), await self.position()
+        return self._copy_of_set(user_id), await self.position()
 
     def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
         return self._sets.get(user_id) or None, Position(self._epoch, self._seq, self._oldest())

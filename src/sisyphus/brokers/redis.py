@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Iterable, Set
+from collections.abc import Awaitable, Iterable, Sequence, Set
 from typing import Any, TypeVar
 
 import hiredis
@@ -542,12 +542,15 @@ class RedisBroker:
         try:
             return await awaitable
         except ReplyError as exc:
-            if str(exc).startswith("READONLY"):
-                # The node was demoted (a failover): the next command finds the master.
-                self._commands.close()
-            raise BrokerUnavailable(f"redis refused a command: {exc}") from None
+            raise self._refused(exc) from None
         except (LinkError, OSError) as exc:
             raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None
+
+    def _refused(self, exc: ReplyError) -> BrokerUnavailable:
+        if str(exc).startswith("READONLY"):
+            # The node was demoted (a failover): the next command finds the master.
+            self._commands.close()
+        return BrokerUnavailable(f"redis refused a command: {exc}")
 
     def user_channels_now(self, user_id: str) -> tuple[bool, Set[str] | None]:
         # Asked at a notice's arrival, which is when a held set stops being trusted.
@@ -595,24 +598,28 @@ class RedisBroker:
         self._heard_epoch = None
         self._heard = 0
 
-    async def user_channels(self, user_id: str) -> set[str] | None:
-        # One SMEMBERS (pipelined with whatever else this loop iteration sends): the
-        # refresh that every message on user:<id> triggers needs nothing more.
-        key = channels_key(user_id)
+    async def user_channels_many(self, user_ids: Sequence[str]) -> list[set[str] | None]:
+        # One SMEMBERS per user, all in one write (with whatever else this loop iteration
+        # sends): the refresh that every message on user:<id> triggers needs nothing more.
         mark, notices = self._confirmations, self._notices_heard
-        try:
-            members = await self._call(self._commands.call("SMEMBERS", key))
-        except BrokerUnavailable as exc:
-            if "WRONGTYPE" not in str(exc):
-                raise
-            log.warning("%s is not a SET: user=%s treated as unknown", key, user_id)
-            return None
-        # Redis deletes empty sets: a missing or empty set is an unknown user.
-        if not members:
-            return None
-        channels = {member.decode("utf-8", "replace") for member in members}
-        self._remember(user_id, channels, mark, notices)
-        return set(channels)  # the caller's own: the held one is never handed out to change
+        replies = await self._call(
+            self._commands.call_all([("SMEMBERS", channels_key(u)) for u in user_ids])
+        )
+        sets: list[set[str] | None] = []
+        for user_id, reply in zip(user_ids, replies, strict=True):
+            if isinstance(reply, ReplyError):
+                if "WRONGTYPE" not in str(reply):
+                    raise self._refused(reply)
+                key = channels_key(user_id)
+                log.warning("%s is not a SET: user=%s treated as unknown", key, user_id)
+                sets.append(None)
+            elif not reply:
+                sets.append(None)  # Redis deletes empty sets: an unknown user
+            else:
+                channels = {member.decode("utf-8", "replace") for member in reply}
+                self._remember(user_id, channels, mark, notices)
+                sets.append(set(channels))  # the caller's own: the held one never changes
+        return sets
 
     async def snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
         keys = [channels_key(user_id), EPOCH_KEY, SEQUENCE_KEY, TIMELINE_KEY]

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import hiredis
@@ -196,7 +196,8 @@ def _discard(protocol: RespProtocol | None, futures: list[asyncio.Future[Any]]) 
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
-    """A health PING's outcome shows in the link's state: mark it read, whatever it was."""
+    """Mark a reply read whatever it was: a health PING's outcome shows in the link's
+    state, and the rest of a failed :meth:`CommandLink.call_all` fails with its link."""
     if not future.cancelled():
         future.exception()
 
@@ -292,6 +293,30 @@ class CommandLink:
         except TimeoutError:
             protocol.abort()
             raise LinkError(f"redis did not answer in {self._timeout} s") from None
+
+    async def call_all(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write and wait for every reply, at most the timeout
+        in all. A command Redis refused comes back as its :class:`ReplyError`, in its
+        place; a lost or silent link fails the whole call, as in :meth:`call`.
+        """
+        protocol = await self._ensure()
+        futures = [protocol.request(*command) for command in commands]
+        replies: list[Any] = []
+        try:
+            async with asyncio.timeout(self._timeout):
+                for future in futures:
+                    try:
+                        replies.append(await future)
+                    except ReplyError as exc:
+                        replies.append(exc)
+        except BaseException as exc:
+            for future in futures:
+                future.add_done_callback(_retrieve)  # the rest fail with the link: unread
+            if isinstance(exc, TimeoutError):
+                protocol.abort()
+                raise LinkError(f"redis did not answer in {self._timeout} s") from None
+            raise
+        return replies
 
     def ping(self, now: float, interval: float) -> None:
         """From the periodic tick: PING an idle link, so a dead one shows (no await)."""

@@ -6,20 +6,24 @@ what was published on them since the notice, then handing each stream its
 replay and its held messages in sequence order. Each stream is diffed against
 its OWN channels, so two tabs of one user each get their new channels' first
 messages. When the broker holds the set in-process and the notice adds no
-channel, the refresh is done in the notice's own step, with no hold at all. A
-burst of notices for one user runs one refresh task. Each pass answers only for
-the streams held when it began, and releases what they held up to the first
-notice that arrived while its read was under way (the read may predate it);
-a stream held meanwhile waits for the next pass. Steady traffic on
-``user:<id>`` so delays messages by about two reads of the set, never
-indefinitely.
+channel, the refresh is done in the notice's own step, with no hold at all.
+
+Passes are queued: one task reads the sets of every user whose pass is due, in
+one call (one round trip on Redis), and a burst of notices for one user makes
+one pass at a time. Each pass answers only for the streams held when it began,
+and releases what they held up to the first notice that arrived while its read
+was under way (the read may predate it); a stream held meanwhile waits for the
+user's next pass, queued at once. Steady traffic on ``user:<id>`` so delays
+messages by about two reads of the set, never indefinitely. A pass that adds a
+channel goes on in a task of its own, for the subscription and the replay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Set
+from collections.abc import Coroutine, Set
+from typing import Any
 
 from sisyphus.brokers.base import Broker
 from sisyphus.config import Settings
@@ -63,6 +67,22 @@ class _Catch:
         self.reset: str | None = None
 
 
+def _unchanged(
+    user_id: str, members: Set[str], catches: dict[Subscriber, _Catch]
+) -> frozenset[str] | None:
+    """A held stream's channels, if ``members`` are exactly the set they came from (the
+    usual read: a personal message changed nothing), else ``None``.
+
+    Those channels were checked when they were taken (names, the limit), so a set of
+    the same members needs no check again.
+    """
+    known = next(iter(catches)).channels if catches else None
+    if known is None:
+        return None
+    size = len(members) if user_channel(user_id) in members else len(members) + 1
+    return known if size == len(known) and members <= known else None
+
+
 def _seq_in(epoch: str, event_id: bytes) -> int:
     """The seq of ``event_id`` if it is of ``epoch``, else 0 (it says nothing of this one)."""
     try:
@@ -91,6 +111,8 @@ class Refresher:
         self._refreshing: set[str] = set()
         self._again: set[str] = set()
         self._since: dict[str, int] = {}
+        # Users whose next pass is due: one task reads all their sets together.
+        self._queued: list[str] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     def on_user_message(self, user_id: str, position: int) -> None:
@@ -109,7 +131,16 @@ class Refresher:
             self._again.add(user_id)
             return
         self._refreshing.add(user_id)
-        task = self._loop.create_task(self._refresh(user_id))
+        self._queue(user_id)
+
+    def _queue(self, user_id: str) -> None:
+        """The user's next pass: with every other one queued until the task runs."""
+        if not self._queued:
+            self._spawn(self._passes())
+        self._queued.append(user_id)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -147,73 +178,143 @@ class Refresher:
                 self._hub.update(sub, channels)
         return True
 
-    async def _refresh(self, user_id: str) -> None:
+    def _held_streams(self, user_id: str) -> dict[Subscriber, _Catch]:
+        """The streams a pass starting now answers for: those held now, and only them.
+
+        One held while its read is under way (a notice delivered to it live, a tab
+        going live after a notice) may need rights the read predates, so it waits,
+        held, for the next pass (the hold that marked it also asked for one).
+        """
+        return {
+            sub: _Catch(len(sub.held))
+            for sub in self._hub.streams_of(user_id)
+            if sub.state is State.CATCHING_UP
+        }
+
+    async def _passes(self) -> None:
+        """A pass for every queued user, their sets read in one call. A user whose pass
+        adds channels goes on in a task of its own; one that needs another pass is
+        queued again."""
+        users, self._queued = self._queued, []
+        passes: list[tuple[str, int, dict[Subscriber, _Catch]]] = []
+        for user_id in users:
+            self._again.discard(user_id)
+            since = self._since.pop(user_id, self._hub.delivered)
+            catches = self._held_streams(user_id)
+            if catches:
+                passes.append((user_id, since, catches))
+            else:
+                self._done(user_id)
+        if not passes:
+            return
         try:
-            while True:
-                self._again.discard(user_id)
-                since = self._since.pop(user_id, self._hub.delivered)
-                # This pass answers for the streams held now, and only for them: one held
-                # while its read is under way (a notice delivered to it live, a tab going
-                # live after a notice) may need rights the read predates, so it waits,
-                # held, for the next pass (the hold that marked it also asked for one).
-                catches = {
-                    sub: _Catch(len(sub.held))
-                    for sub in self._hub.streams_of(user_id)
-                    if sub.state is State.CATCHING_UP
-                }
-                if not catches:
-                    break
-                if not await self._pass(user_id, since, catches):
-                    return  # the streams were ended
-                kept_since = self._release(user_id, since, catches)
-                if kept_since is not None:
-                    # A stream stays held after a notice the read didn't cover: one more
-                    # pass, from that notice (the notices before it are settled).
-                    self._start_next_pass_by(user_id, kept_since)
-                    self._again.add(user_id)
-                if user_id not in self._again:
-                    break
+            async with asyncio.timeout(self._settings.broker_timeout):
+                sets = await self._broker.user_channels_many([user for user, _, _ in passes])
+        except (BrokerUnavailable, TimeoutError) as exc:
+            for user_id, _, _ in passes:
+                # Rights can't be checked: close rather than serve possibly revoked channels.
+                log.warning("refresh user=%s failed: %s", user_id, exc)
+                self._lifecycle.end_user(user_id, sse.Status.ERROR, "broker_unavailable")
+                self._done(user_id)
+            return
+        except BaseException:
+            for user_id, _, _ in passes:
+                self._done(user_id)
+            raise
+        for (user_id, since, catches), members in zip(passes, sets, strict=True):
+            again = False
+            try:
+                added_by = self._apply(user_id, members, catches)
+                if added_by:
+                    self._spawn(self._catch_up_and_release(user_id, since, catches, added_by))
+                    continue
+                again = added_by is not None and self._after_pass(user_id, since, catches)
+            except Exception:
+                log.exception("refresh user=%s failed", user_id)
+            if again:
+                self._queue(user_id)
+            else:
+                self._done(user_id)
+
+    async def _catch_up_and_release(
+        self,
+        user_id: str,
+        since: int,
+        catches: dict[Subscriber, _Catch],
+        added_by: dict[Subscriber, frozenset[str]],
+    ) -> None:
+        """The rest of a pass that adds channels: their replay, then the release."""
+        again = False
+        try:
+            again = await self._catch_up(user_id, since, catches, added_by) and self._after_pass(
+                user_id, since, catches
+            )
         except Exception:
             log.exception("refresh user=%s failed", user_id)
         finally:
-            self._refreshing.discard(user_id)
-            self._again.discard(user_id)
-            self._since.pop(user_id, None)
-            for sub in self._hub.streams_of(user_id):
-                if sub.state is State.CATCHING_UP:
-                    # Only reached after a failure: the client resumes by id instead.
-                    self._lifecycle.end(sub, sse.Status.ERROR, "broker_unavailable")
+            if again:
+                self._queue(user_id)
+            else:
+                self._done(user_id)
 
-    async def _pass(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> bool:
-        """One read of the set applied to every held stream; False if they were ended."""
+    def _done(self, user_id: str) -> None:
+        """The user's refresh is over: nothing of it stays, and no stream stays held."""
+        self._refreshing.discard(user_id)
+        self._again.discard(user_id)
+        self._since.pop(user_id, None)
+        for sub in self._hub.streams_of(user_id):
+            if sub.state is State.CATCHING_UP:
+                # Only reached after a failure: the client resumes by id instead.
+                self._lifecycle.end(sub, sse.Status.ERROR, "broker_unavailable")
+
+    def _after_pass(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> bool:
+        """Release what the pass settled; True if the user needs another pass."""
+        kept_since = self._release(user_id, since, catches)
+        if kept_since is not None:
+            # A stream stays held after a notice the read didn't cover: one more
+            # pass, from that notice (the notices before it are settled).
+            self._start_next_pass_by(user_id, kept_since)
+            self._again.add(user_id)
+        return user_id in self._again
+
+    def _apply(
+        self, user_id: str, members: set[str] | None, catches: dict[Subscriber, _Catch]
+    ) -> dict[Subscriber, frozenset[str]] | None:
+        """A set just read, applied to the held streams: removals at once. Returns the
+        channels each stream gains (empty: none gains any), or ``None`` if the user's
+        streams were ended (no channel left, or too many)."""
         lifecycle = self._lifecycle
-        try:
-            async with asyncio.timeout(self._settings.broker_timeout):
-                members = await self._broker.user_channels(user_id)
-        except (BrokerUnavailable, TimeoutError) as exc:
-            # Rights can't be checked: close rather than keep serving possibly revoked channels.
-            log.warning("refresh user=%s failed: %s", user_id, exc)
-            lifecycle.end_user(user_id, sse.Status.ERROR, "broker_unavailable")
-            return False
         if members is None:
             count = lifecycle.end_user(user_id, sse.Status.DISCONNECTED, "no_channels")
             log.info("user=%s has no channel left: %d streams disconnected", user_id, count)
-            return False
-        channels = readable(self._settings, self._metrics, user_id, members)
+            return None
+        channels = _unchanged(user_id, members, catches)
         if channels is None:
-            lifecycle.end_user(user_id, sse.Status.FAILURE, "too_many_channels")
-            return False
+            channels = readable(self._settings, self._metrics, user_id, members)
+            if channels is None:
+                lifecycle.end_user(user_id, sse.Status.FAILURE, "too_many_channels")
+                return None
         added_by: dict[Subscriber, frozenset[str]] = {}
         for sub in catches:
-            if sub.state is not State.CATCHING_UP:
-                continue  # ended while the set was read
+            if sub.state is not State.CATCHING_UP or sub.channels == channels:
+                continue  # ended while the set was read, or nothing changes
             added = channels - sub.channels
             # Removals take effect now; additions are held until the replay is in.
             self._hub.update(sub, channels)
             if added:
                 added_by[sub] = added
-        if not added_by:
-            return True
+        return added_by
+
+    async def _catch_up(
+        self,
+        user_id: str,
+        since: int,
+        catches: dict[Subscriber, _Catch],
+        added_by: dict[Subscriber, frozenset[str]],
+    ) -> bool:
+        """Subscribe the added channels and gather what they missed since the pass's
+        first notice; False if the streams were ended."""
+        lifecycle = self._lifecycle
         added_all = frozenset().union(*added_by.values())
         try:
             async with asyncio.timeout(self._settings.broker_timeout):
@@ -249,6 +350,10 @@ class Refresher:
         own = user_channel(user_id)
         for sub, catch in catches.items():
             if sub.state is not State.CATCHING_UP:
+                continue
+            if not sub.held and not catch.entries and catch.reset is None:
+                # The usual pass: nothing arrived while the set was read, nothing missed.
+                self._hub.release(sub, [], sub.last_id)
                 continue
             try:
                 # The pass starts at its first notice, but a stream may already be past
@@ -291,5 +396,5 @@ class Refresher:
 
     async def wait_idle(self) -> None:
         """Wait for running refreshes (used at shutdown)."""
-        if self._tasks:
+        while self._tasks:  # a first pass may hand a user on to a task of its own
             await asyncio.gather(*self._tasks, return_exceptions=True)
