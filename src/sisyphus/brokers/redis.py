@@ -3,7 +3,10 @@
 Owns: the single pub/sub connection (a lean asyncio protocol on hiredis's
 parser, so each message goes from the socket to the hub without a coroutine),
 which channels it must carry, reconnecting with backoff, and the command
-connection for rights sets and publishing. Redis errors become
+connection for rights sets and publishing. Where the server has client-side
+caching, the pub/sub connection also reads the sets a rights refresh needs and
+keeps each until Redis invalidates it there (see :class:`_PubSubProtocol`).
+Redis errors become
 :class:`~sisyphus.errors.BrokerUnavailable` here and nowhere else.
 
 Subscriptions are reference-counted by the hub: this class only hears
@@ -45,7 +48,13 @@ from sisyphus.brokers.redis_link import (
 )
 from sisyphus.brokers.topology import ask_sentinels, locate, parse_broker_url
 from sisyphus.errors import BrokerUnavailable
-from sisyphus.protocol.names import USER_CHANNEL_PREFIX, channels_key, history_key, user_channel
+from sisyphus.protocol.names import (
+    USER_CHANNEL_PREFIX,
+    channels_key,
+    history_key,
+    user_channel,
+    user_of_channels_key,
+)
 from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry
 
 log = logging.getLogger("sisyphus.redis")
@@ -67,8 +76,19 @@ def _history_entry(channel: str, entry_id: bytes, fields: list[bytes]) -> Histor
     )
 
 
+# What the server pushes in RESP3 (messages, confirmations, invalidations), as parsed.
+_PUSH = hiredis.PushNotification
+
+
 class _PubSubProtocol(RespProtocol):
-    """The pub/sub link: messages and confirmations go to the broker, PONGs to their PING."""
+    """The pub/sub link: messages and confirmations go to the broker, PONGs to their PING.
+
+    On a server that speaks RESP3 (Redis 6 and later), the link also reads users' sets
+    with client-side caching on (``CLIENT TRACKING``): Redis then pushes an
+    ``invalidate`` for a set read here as soon as the set changes, on this same
+    connection, so before any message published after the change. A set read here is
+    kept from its reply until its invalidation (see :meth:`RedisBroker.user_channels_now`).
+    """
 
     def __init__(self, broker: RedisBroker) -> None:
         super().__init__()
@@ -76,9 +96,16 @@ class _PubSubProtocol(RespProtocol):
         # Set once the handshake (AUTH, PING) is done: from then on an error is fatal.
         self.established = False
         self.address: tuple[Any, Any] = (None, None)
+        # RESP3: pushes are PushNotification, lists are replies to commands.
+        self.resp3 = False
+        # CLIENT TRACKING is on: sets read here are kept until Redis invalidates them.
+        self.tracking = False
+        # The set reads waiting for their reply: future -> user.
+        self.reads: dict[asyncio.Future[Any], str] = {}
 
     def on_reply(self, reply: Any) -> None:
-        if type(reply) is list:
+        kind_of = type(reply)
+        if kind_of is _PUSH or (kind_of is list and not self.resp3):
             kind = reply[0]
             if kind == b"message":  # the hot path: straight from the parser to the hub
                 self._broker._on_pubsub_message(reply[1], reply[2])
@@ -86,16 +113,39 @@ class _PubSubProtocol(RespProtocol):
             if kind == b"subscribe" or kind == b"unsubscribe":
                 self._broker._on_confirmation(kind, reply[1].decode("utf-8", "replace"))
                 return
+            if kind == b"invalidate":
+                self._broker._on_invalidate(reply[1])
+                return
             if kind == b"pong":
                 self.answer(b"PONG")
                 return
-        if self.established and isinstance(reply, hiredis.ReplyError):
+            if kind_of is _PUSH:
+                return  # a push of no interest: it answers no command
+        # A set read's WRONGTYPE is its answer; any other error breaks the link.
+        if (
+            self.established
+            and isinstance(reply, hiredis.ReplyError)
+            and not (self._answers_a_read() and str(reply).startswith("WRONGTYPE"))
+        ):
             log.error("redis pub/sub error: %s; reconnecting", reply)
             self.abort()
             return
         self.answer(reply)
 
+    def _answers_a_read(self) -> bool:
+        return bool(self.pending) and self.pending[0][0] in self.reads
+
+    def answer(self, reply: Any) -> None:
+        # A set read is kept in the step its reply is parsed: an invalidation parsed
+        # right after it (in the same read from the socket) must find it.
+        if self.reads and self.pending:
+            user_id = self.reads.pop(self.pending[0][0], None)
+            if user_id is not None and type(reply) is list:
+                reply = self._broker._keep_tracked(self, user_id, reply)
+        super().answer(reply)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.reads.clear()
         super().connection_lost(exc)
         self._broker._on_pubsub_lost(self)
 
@@ -173,6 +223,9 @@ class RedisBroker:
         # announced on it) or when user:<id> is unsubscribed; the position of the latest
         # snapshot read; and the last sequenced message heard on this pub/sub link.
         self._rights: dict[str, set[str]] = {}
+        # Users' sets read on the pub/sub link with CLIENT TRACKING on: each is kept
+        # from its reply until Redis invalidates it there (see _PubSubProtocol).
+        self._tracked: dict[str, set[str]] = {}
         self._notices_heard = 0  # messages on user channels, over the broker's life
         self._known: Position | None = None
         self._heard_epoch: bytes | None = None
@@ -181,6 +234,7 @@ class RedisBroker:
         self.reconnects = 0
         self.malformed = 0  # sequenced messages dropped for a malformed envelope
         self._unguarded = False  # the failover guard was refused (said once in the log)
+        self._untracked = False  # client-side caching was refused (said once in the log)
 
     def bind(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
         self._on_message = on_message
@@ -316,9 +370,11 @@ class RedisBroker:
     async def _connect(self) -> None:
         try:
             params = await self._locate()
+            # The database too: the link reads users' sets (channels span databases).
             link = await open_link(
-                params, lambda: _PubSubProtocol(self), self._timeout, select_db=False
+                params, lambda: _PubSubProtocol(self), self._timeout, select_db=True
             )
+            await self._start_tracking(link)
         except (LinkError, ReplyError) as exc:
             raise BrokerUnavailable(str(exc)) from None
         link.address = (params.get("host"), params.get("port"))
@@ -340,6 +396,30 @@ class RedisBroker:
         for start in range(0, len(wanted), SUBSCRIBE_BATCH):
             self._send_subscriptions("SUBSCRIBE", wanted[start : start + SUBSCRIBE_BATCH])
         log.info("redis pub/sub connected channels=%d", len(wanted) // 2)
+
+    async def _start_tracking(self, link: _PubSubProtocol) -> None:
+        """RESP3 and client-side caching on a new pub/sub link, where the server has
+        them; without them every message on ``user:<id>`` reads the set on the command
+        link, as before."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                try:
+                    await link.request("HELLO", "3")
+                    link.resp3 = True
+                    await link.request("CLIENT", "TRACKING", "ON")
+                    link.tracking = True
+                except ReplyError as exc:
+                    if not self._untracked:
+                        self._untracked = True
+                        log.warning(
+                            "redis: no client-side caching (%s): every message on user:<id> "
+                            "reads the user's set; allow HELLO and CLIENT TRACKING (Redis 6+) "
+                            "to the service's user",
+                            exc,
+                        )
+        except TimeoutError:
+            link.abort()
+            raise LinkError(f"redis did not answer in {self._timeout} s") from None
 
     def _schedule_reconnect(self) -> None:
         if self._closing or self._reconnect_task is not None:
@@ -435,9 +515,11 @@ class RedisBroker:
         rights = self._rights
         for name in names:
             self._confirmed.pop(name, None)
-            if rights and name.startswith(USER_CHANNEL_PREFIX):
+            if name.startswith(USER_CHANNEL_PREFIX):
                 # No notice would reach us any more: the set may change unseen.
-                rights.pop(name[len(USER_CHANNEL_PREFIX) :], None)
+                user_id = name[len(USER_CHANNEL_PREFIX) :]
+                rights.pop(user_id, None)
+                self._tracked.pop(user_id, None)  # no notice will ask for it
             # Nobody reads it any more: whoever waited for its confirmation (a refresh
             # whose stream closed) waits no longer; it will never come.
             for future in self._waiters.pop(name, ()):
@@ -516,6 +598,28 @@ class RedisBroker:
         if self._rights:
             self._rights.pop(channel[len(USER_CHANNEL_PREFIX) :], None)
 
+    def _on_invalidate(self, keys: list[bytes] | None) -> None:
+        """Redis says these keys changed (``None``: a flush of the whole keyspace)."""
+        tracked = self._tracked
+        if keys is None:
+            tracked.clear()
+            return
+        for key in keys:
+            user_id = user_of_channels_key(key.decode("utf-8", "replace"))
+            if user_id is not None:
+                tracked.pop(user_id, None)
+
+    def _keep_tracked(self, link: _PubSubProtocol, user_id: str, members: list[bytes]) -> Any:
+        """A set read on the pub/sub link, as its reply is parsed: kept until Redis
+        invalidates it (an empty set is an unknown user: nothing is kept)."""
+        if not members:
+            self._tracked.pop(user_id, None)
+            return None
+        channels = {member.decode("utf-8", "replace") for member in members}
+        if link is self._link:
+            self._tracked[user_id] = channels
+        return channels
+
     def _drop_malformed(self, name: bytes) -> None:
         self.malformed += 1
         if self.malformed & (self.malformed - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...
@@ -553,7 +657,13 @@ class RedisBroker:
         return BrokerUnavailable(f"redis refused a command: {exc}")
 
     def user_channels_now(self, user_id: str) -> tuple[bool, Set[str] | None]:
-        # Asked at a notice's arrival, which is when a held set stops being trusted.
+        # Asked at a notice's arrival. A set tracked on the pub/sub link is current
+        # there: a change before the notice was invalidated before the notice arrived.
+        link = self._link
+        if link is not None and link.tracking:
+            members = self._tracked.get(user_id)
+            if members is not None:
+                return True, members
         return False, None
 
     def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
@@ -593,6 +703,7 @@ class RedisBroker:
 
     def _forget_snapshots(self) -> None:
         self._rights.clear()
+        self._tracked.clear()  # tracked by a link that is gone, or not tracked yet
         self._known = None
         # What a new link hears is its own: the server may even have lost writes.
         self._heard_epoch = None
@@ -601,6 +712,9 @@ class RedisBroker:
     async def user_channels_many(self, user_ids: Sequence[str]) -> list[set[str] | None]:
         # One SMEMBERS per user, all in one write (with whatever else this loop iteration
         # sends): the refresh that every message on user:<id> triggers needs nothing more.
+        link = self._link
+        if link is not None and link.tracking and not link.closed:
+            return await self._read_tracked(link, user_ids)
         mark, notices = self._confirmations, self._notices_heard
         replies = await self._call(
             self._commands.call_all([("SMEMBERS", channels_key(u)) for u in user_ids])
@@ -619,6 +733,37 @@ class RedisBroker:
                 channels = {member.decode("utf-8", "replace") for member in reply}
                 self._remember(user_id, channels, mark, notices)
                 sets.append(set(channels))  # the caller's own: the held one never changes
+        return sets
+
+    async def _read_tracked(
+        self, link: _PubSubProtocol, user_ids: Sequence[str]
+    ) -> list[set[str] | None]:
+        """The sets read on the pub/sub link, each kept there until Redis invalidates it."""
+        mark, notices = self._confirmations, self._notices_heard
+        futures = []
+        for user_id in user_ids:
+            future = link.request("SMEMBERS", channels_key(user_id))
+            link.reads[future] = user_id
+            futures.append(future)
+        sets: list[set[str] | None] = []
+        try:
+            for user_id, future in zip(user_ids, futures, strict=True):
+                try:
+                    channels = await future  # decoded, and kept, as the reply was parsed
+                except ReplyError:
+                    key = channels_key(user_id)
+                    log.warning("%s is not a SET: user=%s treated as unknown", key, user_id)
+                    channels = None
+                if channels is not None:
+                    self._remember(user_id, channels, mark, notices)
+                    channels = set(channels)  # the caller's own: the kept one never changes
+                sets.append(channels)
+        except BaseException as exc:
+            for future in futures:
+                future.add_done_callback(_retrieve)  # the rest fail with the link: unread
+            if isinstance(exc, LinkError):
+                raise BrokerUnavailable(f"redis pub/sub: {exc}") from None
+            raise
         return sets
 
     async def snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:

@@ -75,9 +75,19 @@ def user_channel(user_id: str) -> str:
     return USER_CHANNEL_PREFIX + user_id
 
 
+_CHANNELS_SUFFIX = ":channels"
+
+
 def channels_key(user_id: str) -> str:
     """The Redis SET listing the channels a user may read, ``user:<id>:channels``."""
-    return USER_CHANNEL_PREFIX + user_id + ":channels"
+    return USER_CHANNEL_PREFIX + user_id + _CHANNELS_SUFFIX
+
+
+def user_of_channels_key(key: str) -> str | None:
+    """The user whose :func:`channels_key` ``key`` is, or ``None`` for any other key."""
+    if key.startswith(USER_CHANNEL_PREFIX) and key.endswith(_CHANNELS_SUFFIX):
+        return key[len(USER_CHANNEL_PREFIX) : -len(_CHANNELS_SUFFIX)]
+    return None
 
 
 def history_key(channel: str) -> str:

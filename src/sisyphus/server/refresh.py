@@ -68,15 +68,14 @@ class _Catch:
 
 
 def _unchanged(
-    user_id: str, members: Set[str], catches: dict[Subscriber, _Catch]
+    user_id: str, members: Set[str], known: frozenset[str] | None
 ) -> frozenset[str] | None:
-    """A held stream's channels, if ``members`` are exactly the set they came from (the
-    usual read: a personal message changed nothing), else ``None``.
+    """A stream's channels ``known``, if ``members`` are exactly the set they came from
+    (the usual read: a personal message changed nothing), else ``None``.
 
     Those channels were checked when they were taken (names, the limit), so a set of
     the same members needs no check again.
     """
-    known = next(iter(catches)).channels if catches else None
     if known is None:
         return None
     size = len(members) if user_channel(user_id) in members else len(members) + 1
@@ -166,10 +165,12 @@ class Refresher:
         for sub in streams:
             if sub.state is not State.LIVE:
                 return False
-        channels = readable(self._settings, self._metrics, user_id, members)
+        channels = _unchanged(user_id, members, streams[0].channels if streams else None)
         if channels is None:
-            self._lifecycle.end_user(user_id, sse.Status.FAILURE, "too_many_channels")
-            return True
+            channels = readable(self._settings, self._metrics, user_id, members)
+            if channels is None:
+                self._lifecycle.end_user(user_id, sse.Status.FAILURE, "too_many_channels")
+                return True
         for sub in streams:
             if not channels <= sub.channels:
                 return False
@@ -288,7 +289,7 @@ class Refresher:
             count = lifecycle.end_user(user_id, sse.Status.DISCONNECTED, "no_channels")
             log.info("user=%s has no channel left: %d streams disconnected", user_id, count)
             return None
-        channels = _unchanged(user_id, members, catches)
+        channels = _unchanged(user_id, members, next(iter(catches)).channels if catches else None)
         if channels is None:
             channels = readable(self._settings, self._metrics, user_id, members)
             if channels is None:

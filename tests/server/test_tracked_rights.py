@@ -1,0 +1,246 @@
+"""Rights kept with Redis client-side caching: a message on user:<id> reads nothing while
+the user's set is unchanged, and every change, however it is made, is seen at the next
+notice (real Redis; the pub/sub link speaks RESP3 with CLIENT TRACKING on)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis
+
+from sisyphus.config import Settings
+from sisyphus.server.app import Service
+from tests.support.redis_server import RedisServer
+from tests.support.sse_client import SseClient, status
+
+
+@pytest.fixture
+async def plain() -> AsyncIterator[redis.Redis]:
+    server = RedisServer()
+    server.start()
+    client = redis.Redis(port=server.port)
+    yield client
+    client.close()
+    server.close()
+
+
+async def start(plain: redis.Redis) -> Service:
+    port = plain.connection_pool.connection_kwargs["port"]
+    settings = Settings(port=0, redis_url=f"redis://127.0.0.1:{port}/0", broker_timeout=2.0,
+                        broker_ping_interval=0.2, keepalive=5.0)  # fmt: skip
+    service = Service(settings)
+    await service.start()
+    return service
+
+
+async def connect_ok(service: Service, user: str) -> SseClient:
+    client = await SseClient.open(service.port, f"user={user}")
+    assert (await client.expect()).data == status("ok")
+    return client
+
+
+async def messages_until(client: SseClient, marker: str) -> list[str]:
+    got = []
+    while True:
+        event = await client.next_message()
+        got.append(event.data)
+        if event.data == marker:
+            return got
+
+
+def set_reads(plain: redis.Redis) -> int:
+    """SMEMBERS commands Redis ran so far."""
+    return int(plain.info("commandstats").get("cmdstat_smembers", {}).get("calls", 0))
+
+
+async def personal_messages(plain: redis.Redis, client: SseClient, count: int) -> None:
+    """``count`` messages on user:u, each followed by one on room that is held until the
+    refresh the personal one started is over: one refresh per message."""
+    for i in range(count):
+        plain.publish("user:u", f"personal {i}")
+        plain.publish("room", f"settled {i}")
+        assert await messages_until(client, f"settled {i}") == [f"personal {i}", f"settled {i}"]
+
+
+async def settled(plain: redis.Redis, client: SseClient) -> None:
+    """Every refresh started so far is over (a message on room is held until then), so
+    every channel it added is subscribed."""
+    plain.publish("room", "sync")
+    await messages_until(client, "sync")
+
+
+async def test_personal_messages_read_the_set_once_while_it_is_unchanged(
+    plain: redis.Redis,
+) -> None:
+    plain.sadd("user:u:channels", "room")
+    service = await start(plain)
+    try:
+        client = await connect_ok(service, "u")
+        await personal_messages(plain, client, 1)  # its refresh reads the set, and keeps it
+        before = set_reads(plain)
+        await personal_messages(plain, client, 20)
+        assert set_reads(plain) == before
+        plain.publish("room", "still reading")
+        assert (await client.next_message()).data == "still reading"
+    finally:
+        await service.stop()
+
+
+def grant_by_pipeline(plain: redis.Redis, port: int) -> None:
+    plain.pipeline(transaction=False).sadd("user:u:channels", "new").publish(
+        "user:u", "granted"
+    ).execute()
+
+
+def grant_by_transaction(plain: redis.Redis, port: int) -> None:
+    plain.pipeline(transaction=True).sadd("user:u:channels", "new").publish(
+        "user:u", "granted"
+    ).execute()
+
+
+def grant_by_script(plain: redis.Redis, port: int) -> None:
+    script = "redis.call('SADD', KEYS[1], 'new'); redis.call('PUBLISH', 'user:u', 'granted')"
+    plain.eval(script, 1, "user:u:channels")
+
+
+def grant_by_api(plain: redis.Redis, port: int) -> None:
+    body = json.dumps({"user": "u", "channels": ["new"]}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/grant",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert answer.status == 200
+
+
+@pytest.mark.parametrize(
+    "grant", [grant_by_pipeline, grant_by_transaction, grant_by_script, grant_by_api]
+)
+async def test_a_grant_is_seen_at_its_notice_however_it_is_made(
+    plain: redis.Redis, grant: Callable[[redis.Redis, int], None]
+) -> None:
+    plain.sadd("user:u:channels", "room")
+    service = await start(plain)
+    try:
+        client = await connect_ok(service, "u")
+        await personal_messages(plain, client, 3)  # the set is read, and kept
+        await asyncio.to_thread(grant, plain, service.port)
+        assert (await client.next_message()).data.startswith(("granted", '{"rights"'))
+        await settled(plain, client)
+        plain.publish("new", "on the new channel")
+        assert (await client.next_message()).data == "on the new channel"
+    finally:
+        await service.stop()
+
+
+async def test_a_revoke_is_seen_at_its_notice(plain: redis.Redis) -> None:
+    plain.sadd("user:u:channels", "room", "lobby")
+    service = await start(plain)
+    try:
+        client = await connect_ok(service, "u")
+        await personal_messages(plain, client, 3)
+        burst = plain.pipeline(transaction=False)
+        burst.srem("user:u:channels", "room").publish("user:u", "revoked")
+        burst.publish("room", "after the revoke").publish("lobby", "marker").execute()
+        assert await messages_until(client, "marker") == ["revoked", "marker"]
+    finally:
+        await service.stop()
+
+
+async def test_an_unannounced_change_is_seen_at_the_next_personal_message(
+    plain: redis.Redis,
+) -> None:
+    plain.sadd("user:u:channels", "room")
+    service = await start(plain)
+    try:
+        client = await connect_ok(service, "u")
+        await personal_messages(plain, client, 3)
+        plain.sadd("user:u:channels", "quiet")  # no notice
+        await asyncio.sleep(0.1)
+        plain.publish("user:u", "hello")
+        assert (await client.next_message()).data == "hello"
+        await settled(plain, client)
+        plain.publish("quiet", "seen")
+        assert (await client.next_message()).data == "seen"
+    finally:
+        await service.stop()
+
+
+async def test_a_flush_drops_every_kept_set(plain: redis.Redis) -> None:
+    plain.sadd("user:u:channels", "room")
+    service = await start(plain)
+    try:
+        client = await connect_ok(service, "u")
+        await personal_messages(plain, client, 3)
+        plain.flushall()
+        plain.sadd("user:u:channels", "elsewhere")
+        burst = plain.pipeline(transaction=False)
+        burst.publish("user:u", "moved").publish("room", "old room")
+        burst.publish("user:u", "marker").execute()
+        assert await messages_until(client, "marker") == ["moved", "marker"]
+    finally:
+        await service.stop()
+
+
+async def test_a_new_pubsub_link_keeps_sets_again_and_sees_changes(plain: redis.Redis) -> None:
+    """Sets kept by a lost link are dropped with it: a change made while no link tracked
+    them is seen; the new link keeps sets again."""
+    plain.sadd("user:u:channels", "room")
+    service = await start(plain)
+    try:
+        first = await connect_ok(service, "u")
+        await personal_messages(plain, first, 3)
+        plain.client_kill_filter(_type="pubsub")
+        events = await first.until_closed()
+        assert events[-1].data == status("error")
+        for _ in range(200):
+            if service.broker.ready:
+                break
+            await asyncio.sleep(0.02)
+        # Changed while no link tracked it: the set kept before the loss is stale now.
+        plain.sadd("user:u:channels", "quiet")
+        client = await connect_ok(service, "u")
+        await personal_messages(plain, client, 1)
+        await settled(plain, client)
+        plain.publish("quiet", "seen")
+        assert (await client.next_message()).data == "seen"
+        before = set_reads(plain)
+        await personal_messages(plain, client, 5)
+        assert set_reads(plain) == before
+        grant_by_pipeline(plain, service.port)
+        assert (await client.next_message()).data == "granted"
+        await settled(plain, client)
+        plain.publish("new", "on the new channel")
+        assert (await client.next_message()).data == "on the new channel"
+    finally:
+        await service.stop()
+
+
+async def test_without_client_side_caching_every_personal_message_reads_the_set(
+    plain: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server (or ACL) without CLIENT TRACKING: said once in the log; every notice reads
+    the set, and changes take effect as before."""
+    plain.execute_command("ACL", "SETUSER", "default", "-client|tracking")
+    plain.sadd("user:u:channels", "room")
+    with caplog.at_level(logging.WARNING, logger="sisyphus.redis"):
+        service = await start(plain)
+    try:
+        assert any("no client-side caching" in r.getMessage() for r in caplog.records)
+        client = await connect_ok(service, "u")
+        before = set_reads(plain)
+        await personal_messages(plain, client, 5)
+        assert set_reads(plain) - before == 5
+        grant_by_pipeline(plain, service.port)
+        assert (await client.next_message()).data == "granted"
+        await settled(plain, client)
+        plain.publish("new", "on the new channel")
+        assert (await client.next_message()).data == "on the new channel"
+    finally:
+        await service.stop()
