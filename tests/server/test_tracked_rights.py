@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 
@@ -17,6 +18,7 @@ from sisyphus.config import Settings
 from sisyphus.server.app import Service
 from tests.support.redis_server import RedisServer
 from tests.support.sse_client import SseClient, status
+from tests.support.tcp_proxy import TcpProxy
 
 
 @pytest.fixture
@@ -29,10 +31,14 @@ async def plain() -> AsyncIterator[redis.Redis]:
     server.close()
 
 
-async def start(plain: redis.Redis) -> Service:
-    port = plain.connection_pool.connection_kwargs["port"]
-    settings = Settings(port=0, redis_url=f"redis://127.0.0.1:{port}/0", broker_timeout=2.0,
-                        broker_ping_interval=0.2, keepalive=5.0)  # fmt: skip
+def url_of(plain: redis.Redis) -> str:
+    return f"redis://127.0.0.1:{plain.connection_pool.connection_kwargs['port']}/0"
+
+
+async def start(plain_or_url: redis.Redis | str, linger: float = 5.0) -> Service:
+    url = plain_or_url if isinstance(plain_or_url, str) else url_of(plain_or_url)
+    settings = Settings(port=0, redis_url=url, broker_timeout=2.0, broker_ping_interval=0.2,
+                        keepalive=5.0, subscription_linger=linger)  # fmt: skip
     service = Service(settings)
     await service.start()
     return service
@@ -244,3 +250,63 @@ async def test_without_client_side_caching_every_personal_message_reads_the_set(
         assert (await client.next_message()).data == "on the new channel"
     finally:
         await service.stop()
+
+
+@pytest.mark.parametrize("tracking", [True, False], ids=["tracked", "control-untracked"])
+async def test_a_set_that_expires_is_never_kept(plain: redis.Redis, tracking: bool) -> None:
+    """A set whose time to live passed is gone for any read, but Redis invalidates it
+    only when it deletes the key (on access, or when its expiry sweep, about 20 keys per
+    100 ms, reaches it): among many volatile keys that may take minutes. So a set with a
+    time to live is never kept, and the notice after its expiry disconnects the user."""
+    if not tracking:
+        plain.execute_command("ACL", "SETUSER", "default", "-client|tracking")
+    plain.eval(
+        "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'vol:' .. i, 'x', 'EX', 3600) end",
+        0,
+        100_000,
+    )
+    plain.sadd("user:u:channels", "room")
+    plain.pexpire("user:u:channels", 1500)  # temporary access
+    expires_at = time.monotonic() + 1.5
+    service = await start(url_of(plain))
+    try:
+        client = await connect_ok(service, "u")
+        await personal_messages(plain, client, 2)  # read while its time to live runs
+        await asyncio.sleep(expires_at - time.monotonic() + 0.3)  # expired, not yet deleted
+        plain.publish("user:u", "your access expired")
+        plain.publish("room", "after the expiry")
+        got = [(await client.next_message()).data for _ in range(2)]
+        # Re-read after the notice: no set, an unknown user -> disconnected.
+        assert got == ["your access expired", status("disconnected")]
+    finally:
+        await service.stop()
+
+
+async def test_a_read_answered_after_the_user_left_is_not_kept(
+    plain: redis.Redis,
+) -> None:
+    """The user's last stream closes (user:u unsubscribed) while its refresh read is on
+    the way: the answer is not kept, or one entry per user who left mid-read would stay
+    until the key changes."""
+    port = plain.connection_pool.connection_kwargs["port"]
+    proxy = TcpProxy(port)
+    await proxy.start()
+    plain.sadd("user:u:channels", "room")
+    service = await start(proxy.url, linger=0.0)
+    try:
+        client = await connect_ok(service, "u")
+        subscribed = {int(c["addr"].rsplit(":", 1)[1])
+                      for c in plain.client_list() if int(c.get("sub", 0)) > 0}  # fmt: skip
+        for link in proxy.links:
+            if link.upstream_port in subscribed:
+                link.delay_replies(0.4)  # the pub/sub link: a slow route
+        plain.publish("user:u", "hello")
+        assert (await client.next_message(timeout=3)).data == "hello"  # the read goes out now
+        await client.close()  # the user leaves before the reply is back
+        await asyncio.sleep(1.0)
+        broker = service.broker
+        assert "user:u" not in broker._wanted  # type: ignore[attr-defined]
+        assert "u" not in broker._tracked  # type: ignore[attr-defined]
+    finally:
+        await service.stop()
+        await proxy.close()

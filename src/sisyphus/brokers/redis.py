@@ -100,8 +100,11 @@ class _PubSubProtocol(RespProtocol):
         self.resp3 = False
         # CLIENT TRACKING is on: sets read here are kept until Redis invalidates them.
         self.tracking = False
-        # The set reads waiting for their reply: future -> user.
-        self.reads: dict[asyncio.Future[Any], str] = {}
+        # The set reads waiting for their reply: future -> (user, whether it is the
+        # PTTL sent just before the user's SMEMBERS).
+        self.reads: dict[asyncio.Future[Any], tuple[str, bool]] = {}
+        # Users whose set has a time to live, between its PTTL's reply and its SMEMBERS'.
+        self._expiring: set[str] = set()
 
     def on_reply(self, reply: Any) -> None:
         kind_of = type(reply)
@@ -139,13 +142,35 @@ class _PubSubProtocol(RespProtocol):
         # A set read is kept in the step its reply is parsed: an invalidation parsed
         # right after it (in the same read from the socket) must find it.
         if self.reads and self.pending:
-            user_id = self.reads.pop(self.pending[0][0], None)
-            if user_id is not None and type(reply) is list:
-                reply = self._broker._keep_tracked(self, user_id, reply)
+            read = self.reads.pop(self.pending[0][0], None)
+            if read is not None:
+                user_id, is_ttl = read
+                if is_ttl:
+                    # Redis invalidates an expired key only once it deletes it, which may
+                    # be long after its time: a set that expires is never kept.
+                    if reply != -1:
+                        self._expiring.add(user_id)
+                else:
+                    expiring = user_id in self._expiring
+                    self._expiring.discard(user_id)
+                    if type(reply) is list:
+                        keep = not expiring
+                        reply = self._broker._keep_tracked(self, user_id, reply, keep=keep)
         super().answer(reply)
+
+    def read_set(self, user_id: str) -> asyncio.Future[Any]:
+        """Read a user's set here (its time to live first): the future gets the set,
+        ``None`` for an unknown user, or the error of a key of another type."""
+        ttl = self.request("PTTL", channels_key(user_id))
+        ttl.add_done_callback(_retrieve)  # read in answer(), as it is parsed
+        self.reads[ttl] = (user_id, True)
+        future = self.request("SMEMBERS", channels_key(user_id))
+        self.reads[future] = (user_id, False)
+        return future
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reads.clear()
+        self._expiring.clear()
         super().connection_lost(exc)
         self._broker._on_pubsub_lost(self)
 
@@ -609,14 +634,17 @@ class RedisBroker:
             if user_id is not None:
                 tracked.pop(user_id, None)
 
-    def _keep_tracked(self, link: _PubSubProtocol, user_id: str, members: list[bytes]) -> Any:
+    def _keep_tracked(
+        self, link: _PubSubProtocol, user_id: str, members: list[bytes], keep: bool
+    ) -> Any:
         """A set read on the pub/sub link, as its reply is parsed: kept until Redis
-        invalidates it (an empty set is an unknown user: nothing is kept)."""
+        invalidates it, if ``keep`` (it has no time to live) and a notice may still ask
+        for it (``user:<id>`` is subscribed). An empty set is an unknown user."""
+        self._tracked.pop(user_id, None)
         if not members:
-            self._tracked.pop(user_id, None)
             return None
         channels = {member.decode("utf-8", "replace") for member in members}
-        if link is self._link:
+        if keep and link is self._link and user_channel(user_id) in self._wanted:
             self._tracked[user_id] = channels
         return channels
 
@@ -740,11 +768,7 @@ class RedisBroker:
     ) -> list[set[str] | None]:
         """The sets read on the pub/sub link, each kept there until Redis invalidates it."""
         mark, notices = self._confirmations, self._notices_heard
-        futures = []
-        for user_id in user_ids:
-            future = link.request("SMEMBERS", channels_key(user_id))
-            link.reads[future] = user_id
-            futures.append(future)
+        futures = [link.read_set(user_id) for user_id in user_ids]
         sets: list[set[str] | None] = []
         try:
             for user_id, future in zip(user_ids, futures, strict=True):
