@@ -514,6 +514,19 @@ class RedisBroker:
         names = _names(channels)
         self._wanted.update(names)
         self._send_subscriptions("SUBSCRIBE", names)
+        self._track_sets_of(channels)
+
+    def _track_sets_of(self, channels: list[str]) -> None:
+        """Read the sets of the users whose channels start being heard, in the same write
+        as their SUBSCRIBE: kept from then on, the user's first notice reads nothing."""
+        link = self._link
+        if link is None or not link.tracking or link.closed:
+            return
+        for channel in channels:
+            if channel.startswith(USER_CHANNEL_PREFIX):
+                user_id = channel[len(USER_CHANNEL_PREFIX) :]
+                if user_id not in self._tracked:
+                    link.read_set(user_id).add_done_callback(_retrieve)
 
     def unsubscribe(self, channels: list[str]) -> None:
         if self._linger > 0:
