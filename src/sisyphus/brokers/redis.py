@@ -103,8 +103,11 @@ class _PubSubProtocol(RespProtocol):
         # The set reads waiting for their reply: future -> (user, whether it is the
         # PTTL sent just before the user's SMEMBERS).
         self.reads: dict[asyncio.Future[Any], tuple[str, bool]] = {}
-        # Users whose set has a time to live, between its PTTL's reply and its SMEMBERS'.
-        self._expiring: set[str] = set()
+        # The read whose PTTL is answered and whose SMEMBERS is not yet (a read's two
+        # replies come one after the other, pushes aside): its user, and whether its set
+        # may expire (a time to live, or a change of the key in between).
+        self._between: str | None = None
+        self._may_expire = False
 
     def on_reply(self, reply: Any) -> None:
         kind_of = type(reply)
@@ -117,6 +120,7 @@ class _PubSubProtocol(RespProtocol):
                 self._broker._on_confirmation(kind, reply[1].decode("utf-8", "replace"))
                 return
             if kind == b"invalidate":
+                self._spoil(reply[1])
                 self._broker._on_invalidate(reply[1])
                 return
             if kind == b"pong":
@@ -148,15 +152,24 @@ class _PubSubProtocol(RespProtocol):
                 if is_ttl:
                     # Redis invalidates an expired key only once it deletes it, which may
                     # be long after its time: a set that expires is never kept.
-                    if reply != -1:
-                        self._expiring.add(user_id)
+                    self._between, self._may_expire = user_id, reply != -1
                 else:
-                    expiring = user_id in self._expiring
-                    self._expiring.discard(user_id)
+                    keep = self._between == user_id and not self._may_expire
+                    self._between = None
                     if type(reply) is list:
-                        keep = not expiring
                         reply = self._broker._keep_tracked(self, user_id, reply, keep=keep)
         super().answer(reply)
+
+    def _spoil(self, keys: list[bytes] | None) -> None:
+        """An invalidation between a read's PTTL and its SMEMBERS: other commands ran
+        between the two, and may have given the set a time to live."""
+        between = self._between
+        if between is None:
+            return
+        if keys is None or any(
+            user_of_channels_key(k.decode("utf-8", "replace")) == between for k in keys
+        ):
+            self._may_expire = True
 
     def read_set(self, user_id: str) -> asyncio.Future[Any]:
         """Read a user's set here (its time to live first): the future gets the set,
@@ -170,7 +183,7 @@ class _PubSubProtocol(RespProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reads.clear()
-        self._expiring.clear()
+        self._between = None
         super().connection_lost(exc)
         self._broker._on_pubsub_lost(self)
 
@@ -432,14 +445,17 @@ class RedisBroker:
                     await link.request("HELLO", "3")
                     link.resp3 = True
                     await link.request("CLIENT", "TRACKING", "ON")
+                    # What a read sends: refused by an ACL, it would break the link later.
+                    await link.request("PTTL", channels_key("-"))
+                    await link.request("SMEMBERS", channels_key("-"))
                     link.tracking = True
                 except ReplyError as exc:
                     if not self._untracked:
                         self._untracked = True
                         log.warning(
                             "redis: no client-side caching (%s): every message on user:<id> "
-                            "reads the user's set; allow HELLO and CLIENT TRACKING (Redis 6+) "
-                            "to the service's user",
+                            "reads the user's set; allow HELLO, CLIENT TRACKING, PTTL and "
+                            "SMEMBERS on the pub/sub connection to the service's user",
                             exc,
                         )
         except TimeoutError:
@@ -505,6 +521,7 @@ class RedisBroker:
         link.send((verb, *names))
 
     def subscribe(self, channels: list[str]) -> None:
+        self._track_sets_of(channels)  # lingering ones too: their set may have changed
         lingering = self._lingering
         if lingering:
             # Still subscribed (or on its way): nothing to send.
@@ -514,11 +531,10 @@ class RedisBroker:
         names = _names(channels)
         self._wanted.update(names)
         self._send_subscriptions("SUBSCRIBE", names)
-        self._track_sets_of(channels)
 
     def _track_sets_of(self, channels: list[str]) -> None:
-        """Read the sets of the users whose channels start being heard, in the same write
-        as their SUBSCRIBE: kept from then on, the user's first notice reads nothing."""
+        """Read the sets of the users whose channels a stream starts reading and that
+        aren't kept, in the same write as their SUBSCRIBE: the first notice reads nothing."""
         link = self._link
         if link is None or not link.tracking or link.closed:
             return
