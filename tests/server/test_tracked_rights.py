@@ -233,12 +233,13 @@ async def test_a_new_pubsub_link_keeps_sets_again_and_sees_changes(plain: redis.
         await service.stop()
 
 
+@pytest.mark.parametrize("refused", ["-client|tracking", "-pttl"])
 async def test_without_client_side_caching_every_personal_message_reads_the_set(
-    plain: redis.Redis, caplog: pytest.LogCaptureFixture
+    plain: redis.Redis, caplog: pytest.LogCaptureFixture, refused: str
 ) -> None:
-    """A server (or ACL) without CLIENT TRACKING: said once in the log; every notice reads
-    the set, and changes take effect as before."""
-    plain.execute_command("ACL", "SETUSER", "default", "-client|tracking")
+    """A server (or ACL) without CLIENT TRACKING, or without a command the reads need:
+    said once in the log; every notice reads the set, and changes take effect as before."""
+    plain.execute_command("ACL", "SETUSER", "default", refused)
     plain.sadd("user:u:channels", "room")
     with caplog.at_level(logging.WARNING, logger="sisyphus.redis"):
         service = await start(plain)
