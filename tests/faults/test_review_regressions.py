@@ -49,16 +49,6 @@ def pubsub_link(proxy: TcpProxy, plain: redis.Redis) -> Link:
     return proxy.link(int(entry["addr"].rsplit(":", 1)[1]))
 
 
-async def messages_until(client: SseClient, marker: str) -> list[str]:
-    """The data of every message up to and including ``marker``."""
-    got = []
-    while True:
-        event = await client.next_message()
-        got.append(event.data)
-        if event.data == marker:
-            return got
-
-
 async def test_a_revoke_that_is_the_last_thing_a_starting_stream_held_takes_effect(
     world: tuple[RedisServer, TcpProxy, redis.Redis],
 ) -> None:
@@ -85,7 +75,7 @@ async def test_a_revoke_that_is_the_last_thing_a_starting_stream_held_takes_effe
         await asyncio.sleep(0.2)  # the refresh reads the set
         await service.broker.publish("secret", b"after the revoke")
         await service.broker.publish("room", b"marker")
-        assert await messages_until(client, "marker") == ["marker"]
+        assert await client.messages_until("marker") == ["marker"]
     finally:
         await service.stop()
 
@@ -122,7 +112,7 @@ async def test_a_revoke_missed_by_a_resetting_resume_still_takes_effect(
         await asyncio.sleep(0.2)
         await service.broker.publish("secret", b"after the revoke")
         await service.broker.publish("room", b"marker")
-        assert await messages_until(client, "marker") == ["marker"]
+        assert await client.messages_until("marker") == ["marker"]
     finally:
         await service.stop()
 
@@ -148,7 +138,7 @@ async def test_a_grant_replays_from_its_notice_even_when_the_link_lags(
                 break
             await asyncio.sleep(0.01)
         link.thaw()
-        assert await messages_until(tab, "first on news") == ["granted news", "first on news"]
+        assert await tab.messages_until("first on news") == ["granted news", "first on news"]
         await (await other).close()
     finally:
         await service.stop()
@@ -173,8 +163,8 @@ async def test_a_second_tab_never_gets_messages_from_before_its_start(
         assert ok.data == status("ok")
         link.thaw()
         await service.broker.publish("room", b"new")
-        assert await messages_until(second_tab, "new") == ["new"]
-        assert await messages_until(first_tab, "new") == ["old 0", "old 1", "old 2", "new"]
+        assert await second_tab.messages_until("new") == ["new"]
+        assert await first_tab.messages_until("new") == ["old 0", "old 1", "old 2", "new"]
     finally:
         await service.stop()
 
@@ -231,7 +221,7 @@ async def test_a_revoke_during_the_refresh_after_a_tab_started_takes_effect(
         second = await opening
         assert (await second.expect()).data == status("ok")
         for tab in (first, second):
-            got = await messages_until(tab, "marker")
+            got = await tab.messages_until("marker")
             assert "after the revoke" not in got, got
             assert got[0] == "hello" and got[-1] == "marker", got
 
@@ -252,8 +242,8 @@ async def test_a_tab_that_goes_live_behind_an_earlier_notice_loses_nothing_after
         assert (await second.expect()).data == status("ok")
         publisher.publish("room", "marker")
         expected = ["first notice", "between", "second notice", "marker"]
-        assert await messages_until(second, "marker") == expected
-        assert await messages_until(first, "marker") == expected
+        assert await second.messages_until("marker") == expected
+        assert await first.messages_until("marker") == expected
 
 
 async def test_a_message_published_while_a_tab_reads_its_snapshot_reaches_it(
@@ -270,7 +260,7 @@ async def test_a_message_published_while_a_tab_reads_its_snapshot_reaches_it(
         assert (await second.expect()).data == status("ok")
         publisher.publish("room", "marker")
         for tab in (first, second):
-            assert await messages_until(tab, "marker") == ["during the handshake", "marker"]
+            assert await tab.messages_until("marker") == ["during the handshake", "marker"]
 
 
 async def test_a_black_holed_command_link_is_not_ready(

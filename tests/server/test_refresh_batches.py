@@ -12,10 +12,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 
-from sisyphus.config import Settings
-from sisyphus.server.app import Service
+from tests.server.test_tracked_rights import connect_ok, start
 from tests.support.redis_server import RedisServer
-from tests.support.sse_client import SseClient, status
+from tests.support.sse_client import status
 from tests.support.tcp_proxy import TcpProxy
 
 
@@ -32,36 +31,13 @@ async def world() -> AsyncIterator[tuple[TcpProxy, redis.Redis]]:
     server.close()
 
 
-async def start(proxy: TcpProxy, broker_timeout: float = 2.0) -> Service:
-    settings = Settings(port=0, redis_url=proxy.url, broker_timeout=broker_timeout,
-                        broker_ping_interval=0.2, keepalive=5.0)  # fmt: skip
-    service = Service(settings)
-    await service.start()
-    return service
-
-
-async def connect_ok(service: Service, user: str) -> SseClient:
-    client = await SseClient.open(service.port, f"user={user}")
-    assert (await client.expect()).data == status("ok")
-    return client
-
-
-async def messages_until(client: SseClient, marker: str) -> list[str]:
-    got = []
-    while True:
-        event = await client.next_message()
-        got.append(event.data)
-        if event.data == marker:
-            return got
-
-
 async def test_notices_for_several_users_at_once_are_settled_user_by_user(
     world: tuple[TcpProxy, redis.Redis],
 ) -> None:
     """In one burst: a personal message, a set turned into a string, and a revoke. The
     first user keeps reading, the second is disconnected, the third loses the channel."""
     proxy, plain = world
-    service = await start(proxy)
+    service = await start(proxy.url)
     try:
         for user in ("a", "b", "c"):
             plain.sadd(f"user:{user}:channels", f"room:{user}", "lobby")
@@ -73,11 +49,11 @@ async def test_notices_for_several_users_at_once_are_settled_user_by_user(
         burst.publish("user:c", "revoked")
         burst.publish("room:a", "after a").publish("room:c", "after the revoke")
         burst.execute()
-        assert await messages_until(tabs["a"], "after a") == ["hello a", "after a"]
+        assert await tabs["a"].messages_until("after a") == ["hello a", "after a"]
         events = await tabs["b"].until_closed()
         assert [e.data for e in events if not e.is_noop] == ["hello b", status("disconnected")]
         plain.publish("user:c", "marker")
-        assert await messages_until(tabs["c"], "marker") == ["revoked", "marker"]
+        assert await tabs["c"].messages_until("marker") == ["revoked", "marker"]
         plain.publish("room:a", "still reading")
         assert (await tabs["a"].next_message()).data == "still reading"
     finally:
@@ -92,7 +68,7 @@ async def test_a_command_link_black_holed_during_a_refresh_ends_every_held_strea
     are read on the command link.)"""
     proxy, plain = world
     plain.execute_command("ACL", "SETUSER", "default", "-client|tracking")
-    service = await start(proxy, broker_timeout=0.5)
+    service = await start(proxy.url, broker_timeout=0.5)
     try:
         for user in ("a", "b"):
             plain.sadd(f"user:{user}:channels", "room")

@@ -17,7 +17,6 @@ from sisyphus.server.app import Service
 from tests.conftest import ServiceFactory
 from tests.faults.test_review_regressions import (  # noqa: F401 (world is a fixture)
     SLOW,
-    messages_until,
     pubsub_link,
     slow_command_links,
     start,
@@ -108,7 +107,7 @@ async def test_a_reconnect_after_an_announced_change_reads_the_new_set(
     changed = "room:7" if change == "grant" else "room:6"
     redis_client.publish(changed, "on the changed channel")
     redis_client.publish("room:5", "marker")
-    got = await messages_until(tab, "marker")
+    got = await tab.messages_until("marker")
     if change == "grant":
         assert got == ["on the changed channel", "marker"]
     else:
@@ -154,7 +153,7 @@ async def test_a_set_read_across_a_notice_is_not_kept(
         assert (await second.expect()).data == status("ok")
         publisher.publish("granted", "on the granted channel")
         publisher.publish("room", "marker")
-        assert await messages_until(second, "marker") == ["on the granted channel", "marker"]
+        assert await second.messages_until("marker") == ["on the granted channel", "marker"]
     finally:
         publisher.close()
         await service.stop()
@@ -181,7 +180,7 @@ async def test_a_first_connect_on_a_channel_granted_since_gets_nothing_older(
             await asyncio.sleep(0.01)
         second = await connect_ok(service, "1")
         publisher.publish("room:6", "after the second tab")
-        assert await messages_until(second, "after the second tab") == ["after the second tab"]
+        assert await second.messages_until("after the second tab") == ["after the second tab"]
     finally:
         publisher.close()
 
@@ -246,7 +245,7 @@ async def test_a_page_connecting_at_its_rendered_position_gets_nothing_older(
         tab = await opening
         assert (await tab.expect()).data == status("ok")
         await service.broker.publish("room", b"new")
-        assert await messages_until(tab, "new") == ["new"]
+        assert await tab.messages_until("new") == ["new"]
 
 
 async def test_a_tab_served_in_process_after_the_sequence_went_back_loses_nothing(
@@ -280,7 +279,7 @@ async def test_a_tab_served_in_process_after_the_sequence_went_back_loses_nothin
         for i in range(8):  # seq 3-10: all published after the tab connected
             await service.broker.publish("room", b"after %d" % i)
         await service.broker.publish("room", b"marker")
-        got = await asyncio.wait_for(messages_until(tab, "marker"), 5.0)
+        got = await asyncio.wait_for(tab.messages_until("marker"), 5.0)
         assert got == [f"after {i}" for i in range(8)] + ["marker"]
     finally:
         await service.stop()

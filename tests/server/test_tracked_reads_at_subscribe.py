@@ -12,7 +12,7 @@ import redis
 
 from tests.server.test_tracked_rights import (  # noqa: F401  (the fixture)
     connect_ok,
-    messages_until,
+    many_volatile_keys,
     plain,
     set_reads,
     start,
@@ -85,11 +85,7 @@ async def test_a_time_to_live_given_between_a_reads_two_commands_is_not_missed(
     """The read is PTTL then SMEMBERS; an EXPIRE that runs between them (its invalidate
     arrives between their replies) must not leave the set kept: after it expires, the
     notice disconnects the user (as test_a_set_that_expires_is_never_kept)."""
-    plain.eval(  # many volatile keys: the expiry sweep takes long to delete user:u's
-        "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'vol:' .. i, 'x', 'EX', 3600) end",
-        0,
-        100_000,
-    )
+    many_volatile_keys(plain)  # the expiry sweep takes long to delete user:u's set
     plain.sadd("user:u:channels", "room")
     proxy = SplittingProxy(plain.connection_pool.connection_kwargs["port"])
     await proxy.start()
@@ -150,7 +146,7 @@ async def test_a_reconnect_within_the_linger_after_a_change_reads_before_the_fir
         before = set_reads(plain)
         plain.publish("user:u", "hello")
         plain.publish("room", "sync")
-        assert await messages_until(client, "sync") == ["hello", "sync"]
+        assert await client.messages_until("sync") == ["hello", "sync"]
         assert set_reads(plain) == before
     finally:
         await service.stop()

@@ -35,10 +35,13 @@ def url_of(plain: redis.Redis) -> str:
     return f"redis://127.0.0.1:{plain.connection_pool.connection_kwargs['port']}/0"
 
 
-async def start(plain_or_url: redis.Redis | str, linger: float = 5.0) -> Service:
+async def start(
+    plain_or_url: redis.Redis | str, linger: float = 5.0, broker_timeout: float = 2.0
+) -> Service:
     url = plain_or_url if isinstance(plain_or_url, str) else url_of(plain_or_url)
-    settings = Settings(port=0, redis_url=url, broker_timeout=2.0, broker_ping_interval=0.2,
-                        keepalive=5.0, subscription_linger=linger)  # fmt: skip
+    settings = Settings(port=0, redis_url=url, broker_timeout=broker_timeout,
+                        broker_ping_interval=0.2, keepalive=5.0,
+                        subscription_linger=linger)  # fmt: skip
     service = Service(settings)
     await service.start()
     return service
@@ -48,15 +51,6 @@ async def connect_ok(service: Service, user: str) -> SseClient:
     client = await SseClient.open(service.port, f"user={user}")
     assert (await client.expect()).data == status("ok")
     return client
-
-
-async def messages_until(client: SseClient, marker: str) -> list[str]:
-    got = []
-    while True:
-        event = await client.next_message()
-        got.append(event.data)
-        if event.data == marker:
-            return got
 
 
 def set_reads(plain: redis.Redis) -> int:
@@ -70,14 +64,14 @@ async def personal_messages(plain: redis.Redis, client: SseClient, count: int) -
     for i in range(count):
         plain.publish("user:u", f"personal {i}")
         plain.publish("room", f"settled {i}")
-        assert await messages_until(client, f"settled {i}") == [f"personal {i}", f"settled {i}"]
+        assert await client.messages_until(f"settled {i}") == [f"personal {i}", f"settled {i}"]
 
 
 async def settled(plain: redis.Redis, client: SseClient) -> None:
     """Every refresh started so far is over (a message on room is held until then), so
     every channel it added is subscribed."""
     plain.publish("room", "sync")
-    await messages_until(client, "sync")
+    await client.messages_until("sync")
 
 
 async def test_personal_messages_read_nothing_while_the_set_is_unchanged(
@@ -100,6 +94,23 @@ async def test_personal_messages_read_nothing_while_the_set_is_unchanged(
         assert (await client.next_message()).data == "still reading"
     finally:
         await service.stop()
+
+
+async def reads_the_new_channel(plain: redis.Redis, client: SseClient) -> None:
+    """Once the refreshes are over, a message on the channel "new" reaches the client."""
+    await settled(plain, client)
+    plain.publish("new", "on the new channel")
+    assert (await client.next_message()).data == "on the new channel"
+
+
+def many_volatile_keys(plain: redis.Redis) -> None:
+    """100,000 keys with a time to live: Redis's expiry sweep then takes long to reach
+    any one of them, so an expired key may stay undeleted (and not invalidated)."""
+    plain.eval(
+        "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'vol:' .. i, 'x', 'EX', 3600) end",
+        0,
+        100_000,
+    )
 
 
 def grant_by_pipeline(plain: redis.Redis, port: int) -> None:
@@ -143,9 +154,7 @@ async def test_a_grant_is_seen_at_its_notice_however_it_is_made(
         await personal_messages(plain, client, 3)  # the set is read, and kept
         await asyncio.to_thread(grant, plain, service.port)
         assert (await client.next_message()).data.startswith(("granted", '{"rights"'))
-        await settled(plain, client)
-        plain.publish("new", "on the new channel")
-        assert (await client.next_message()).data == "on the new channel"
+        await reads_the_new_channel(plain, client)
     finally:
         await service.stop()
 
@@ -159,7 +168,7 @@ async def test_a_revoke_is_seen_at_its_notice(plain: redis.Redis) -> None:
         burst = plain.pipeline(transaction=False)
         burst.srem("user:u:channels", "room").publish("user:u", "revoked")
         burst.publish("room", "after the revoke").publish("lobby", "marker").execute()
-        assert await messages_until(client, "marker") == ["revoked", "marker"]
+        assert await client.messages_until("marker") == ["revoked", "marker"]
     finally:
         await service.stop()
 
@@ -194,7 +203,7 @@ async def test_a_flush_drops_every_kept_set(plain: redis.Redis) -> None:
         burst = plain.pipeline(transaction=False)
         burst.publish("user:u", "moved").publish("room", "old room")
         burst.publish("user:u", "marker").execute()
-        assert await messages_until(client, "marker") == ["moved", "marker"]
+        assert await client.messages_until("marker") == ["moved", "marker"]
     finally:
         await service.stop()
 
@@ -226,9 +235,7 @@ async def test_a_new_pubsub_link_keeps_sets_again_and_sees_changes(plain: redis.
         assert set_reads(plain) == before
         grant_by_pipeline(plain, service.port)
         assert (await client.next_message()).data == "granted"
-        await settled(plain, client)
-        plain.publish("new", "on the new channel")
-        assert (await client.next_message()).data == "on the new channel"
+        await reads_the_new_channel(plain, client)
     finally:
         await service.stop()
 
@@ -251,9 +258,7 @@ async def test_without_client_side_caching_every_personal_message_reads_the_set(
         assert set_reads(plain) - before == 5
         grant_by_pipeline(plain, service.port)
         assert (await client.next_message()).data == "granted"
-        await settled(plain, client)
-        plain.publish("new", "on the new channel")
-        assert (await client.next_message()).data == "on the new channel"
+        await reads_the_new_channel(plain, client)
     finally:
         await service.stop()
 
@@ -266,11 +271,7 @@ async def test_a_set_that_expires_is_never_kept(plain: redis.Redis, tracking: bo
     time to live is never kept, and the notice after its expiry disconnects the user."""
     if not tracking:
         plain.execute_command("ACL", "SETUSER", "default", "-client|tracking")
-    plain.eval(
-        "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'vol:' .. i, 'x', 'EX', 3600) end",
-        0,
-        100_000,
-    )
+    many_volatile_keys(plain)
     plain.sadd("user:u:channels", "room")
     plain.pexpire("user:u:channels", 1500)  # temporary access
     expires_at = time.monotonic() + 1.5

@@ -132,6 +132,15 @@ class SseClient:
             if not event.is_noop:
                 return event
 
+    async def messages_until(self, marker: str) -> list[str]:
+        """The data of every message up to and including the one whose data is ``marker``."""
+        got = []
+        while True:
+            data = (await self.next_message()).data
+            got.append(data)
+            if data == marker:
+                return got
+
     async def expect(self, timeout: float = 5.0) -> Event:
         """The next event, keep-alives included; the stream must still be open."""
         event = await self.next_event(timeout)

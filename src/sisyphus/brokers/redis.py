@@ -194,6 +194,17 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _members(reply: list[bytes]) -> set[str] | None:
+    """A SMEMBERS reply as channel names; ``None`` for none (Redis deletes empty sets:
+    an unknown user)."""
+    return {member.decode("utf-8", "replace") for member in reply} if reply else None
+
+
+def _not_a_set(user_id: str) -> None:
+    key = channels_key(user_id)
+    log.warning("%s is not a SET: user=%s treated as unknown", key, user_id)
+
+
 def _names(channels: Iterable[str]) -> list[str]:
     """The Redis channels behind hub channels: the plain one and the sequenced one."""
     channels = list(channels)
@@ -665,15 +676,14 @@ class RedisBroker:
 
     def _keep_tracked(
         self, link: _PubSubProtocol, user_id: str, members: list[bytes], keep: bool
-    ) -> Any:
+    ) -> set[str] | None:
         """A set read on the pub/sub link, as its reply is parsed: kept until Redis
         invalidates it, if ``keep`` (it has no time to live) and a notice may still ask
         for it (``user:<id>`` is subscribed). An empty set is an unknown user."""
         self._tracked.pop(user_id, None)
-        if not members:
-            return None
-        channels = {member.decode("utf-8", "replace") for member in members}
-        if keep and link is self._link and user_channel(user_id) in self._wanted:
+        channels = _members(members)
+        heard = link is self._link and user_channel(user_id) in self._wanted
+        if channels is not None and keep and heard:
             self._tracked[user_id] = channels
         return channels
 
@@ -781,16 +791,22 @@ class RedisBroker:
             if isinstance(reply, ReplyError):
                 if "WRONGTYPE" not in str(reply):
                     raise self._refused(reply)
-                key = channels_key(user_id)
-                log.warning("%s is not a SET: user=%s treated as unknown", key, user_id)
-                sets.append(None)
-            elif not reply:
-                sets.append(None)  # Redis deletes empty sets: an unknown user
+                _not_a_set(user_id)
+                channels = None
             else:
-                channels = {member.decode("utf-8", "replace") for member in reply}
-                self._remember(user_id, channels, mark, notices)
-                sets.append(set(channels))  # the caller's own: the held one never changes
+                channels = _members(reply)
+            sets.append(self._hand_out(user_id, channels, mark, notices))
         return sets
+
+    def _hand_out(
+        self, user_id: str, channels: set[str] | None, mark: int, notices: int
+    ) -> set[str] | None:
+        """A set just read: kept for connects if it can't be stale (see _remember); the
+        caller gets its own copy, since a kept one never changes."""
+        if channels is None:
+            return None
+        self._remember(user_id, channels, mark, notices)
+        return set(channels)
 
     async def _read_tracked(
         self, link: _PubSubProtocol, user_ids: Sequence[str]
@@ -804,13 +820,9 @@ class RedisBroker:
                 try:
                     channels = await future  # decoded, and kept, as the reply was parsed
                 except ReplyError:
-                    key = channels_key(user_id)
-                    log.warning("%s is not a SET: user=%s treated as unknown", key, user_id)
+                    _not_a_set(user_id)
                     channels = None
-                if channels is not None:
-                    self._remember(user_id, channels, mark, notices)
-                    channels = set(channels)  # the caller's own: the kept one never changes
-                sets.append(channels)
+                sets.append(self._hand_out(user_id, channels, mark, notices))
         except BaseException as exc:
             for future in futures:
                 future.add_done_callback(_retrieve)  # the rest fail with the link: unread
@@ -832,12 +844,10 @@ class RedisBroker:
         if confirmations > 0 and (known is None or confirmations >= known.confirmations):
             self._known = position
         if kind not in (b"set", b"none"):
-            log.warning("%s is not a SET: user=%s treated as unknown", keys[0], user_id)
-        # Redis deletes empty sets: a missing or empty set is an unknown user.
-        if not members:
-            return None, position
-        channels = {member.decode("utf-8", "replace") for member in members}
-        self._remember(user_id, channels, confirmations, notices)
+            _not_a_set(user_id)
+        channels = _members(members)
+        if channels is not None:
+            self._remember(user_id, channels, confirmations, notices)
         return channels, position
 
     async def position(self) -> Position:

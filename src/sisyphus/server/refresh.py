@@ -165,12 +165,9 @@ class Refresher:
         for sub in streams:
             if sub.state is not State.LIVE:
                 return False
-        channels = _unchanged(user_id, members, streams[0].channels if streams else None)
+        channels = self._channels_of(user_id, members, streams[0].channels if streams else None)
         if channels is None:
-            channels = readable(self._settings, self._metrics, user_id, members)
-            if channels is None:
-                self._lifecycle.end_user(user_id, sse.Status.FAILURE, "too_many_channels")
-                return True
+            return True  # the user's streams were ended
         for sub in streams:
             if not channels <= sub.channels:
                 return False
@@ -178,6 +175,18 @@ class Refresher:
             if channels != sub.channels:
                 self._hub.update(sub, channels)
         return True
+
+    def _channels_of(
+        self, user_id: str, members: Set[str], known: frozenset[str] | None
+    ) -> frozenset[str] | None:
+        """The channels ``members`` give (``known`` if they are its source); ``None``
+        past the channel limit, the user's streams then ended with `failure`."""
+        channels = _unchanged(user_id, members, known)
+        if channels is None:
+            channels = readable(self._settings, self._metrics, user_id, members)
+            if channels is None:
+                self._lifecycle.end_user(user_id, sse.Status.FAILURE, "too_many_channels")
+        return channels
 
     def _held_streams(self, user_id: str) -> dict[Subscriber, _Catch]:
         """The streams a pass starting now answers for: those held now, and only them.
@@ -232,10 +241,7 @@ class Refresher:
                 again = added_by is not None and self._after_pass(user_id, since, catches)
             except Exception:
                 log.exception("refresh user=%s failed", user_id)
-            if again:
-                self._queue(user_id)
-            else:
-                self._done(user_id)
+            self._next_or_done(user_id, again)
 
     async def _catch_up_and_release(
         self,
@@ -253,10 +259,14 @@ class Refresher:
         except Exception:
             log.exception("refresh user=%s failed", user_id)
         finally:
-            if again:
-                self._queue(user_id)
-            else:
-                self._done(user_id)
+            self._next_or_done(user_id, again)
+
+    def _next_or_done(self, user_id: str, again: bool) -> None:
+        """After a pass: queue the user's next one, or end its refresh."""
+        if again:
+            self._queue(user_id)
+        else:
+            self._done(user_id)
 
     def _done(self, user_id: str) -> None:
         """The user's refresh is over: nothing of it stays, and no stream stays held."""
@@ -289,12 +299,10 @@ class Refresher:
             count = lifecycle.end_user(user_id, sse.Status.DISCONNECTED, "no_channels")
             log.info("user=%s has no channel left: %d streams disconnected", user_id, count)
             return None
-        channels = _unchanged(user_id, members, next(iter(catches)).channels if catches else None)
+        known = next(iter(catches)).channels if catches else None
+        channels = self._channels_of(user_id, members, known)
         if channels is None:
-            channels = readable(self._settings, self._metrics, user_id, members)
-            if channels is None:
-                lifecycle.end_user(user_id, sse.Status.FAILURE, "too_many_channels")
-                return None
+            return None
         added_by: dict[Subscriber, frozenset[str]] = {}
         for sub in catches:
             if sub.state is not State.CATCHING_UP or sub.channels == channels:
