@@ -29,20 +29,22 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.sentinel
+import redis.cluster
 import redis.sentinel
 
 from sisyphus import config
-from sisyphus.brokers.lua import EPOCH_KEY, PUBLISH_SCRIPT, SEQUENCE_KEY, publish_call
+from sisyphus.brokers.lua import CLUSTER_LAYOUT, SINGLE_LAYOUT, KeyLayout, publish_call
 from sisyphus.brokers.memory import new_epoch
 from sisyphus.brokers.topology import parse_broker_url
 from sisyphus.errors import ConfigError
 from sisyphus.protocol.auth import mint_token
-from sisyphus.protocol.names import InvalidName, check_channel, check_user_id
+from sisyphus.protocol.names import InvalidName, channels_key, check_channel, check_user_id
 from sisyphus.protocol.names import user_channel as _user_channel
 from sisyphus.protocol.resume import EventId
 from sisyphus.protocol.rights import rights_notice
@@ -187,9 +189,26 @@ class HttpPublisher:
         return self._post("/api/position", None)
 
 
+def _layout(url: str) -> KeyLayout:
+    return CLUSTER_LAYOUT if parse_broker_url(url).uses_cluster else SINGLE_LAYOUT
+
+
 def _connect_redis(url: str, timeout: float) -> redis.Redis:
-    """A redis-py client for any broker URL form (with Sentinel: the master it names)."""
+    """A redis-py client for any broker URL form (with Sentinel: the master it names; on
+    a Cluster, a cluster client that routes each command to its slot's primary)."""
     topology = parse_broker_url(url)
+    if topology.uses_cluster:
+        cluster: Any = redis.cluster.RedisCluster(
+            startup_nodes=[
+                redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call, unused-ignore]
+                for h, p in topology.cluster_nodes
+            ],
+            username=topology.params.get("username"),
+            password=topology.params.get("password"),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        return cast(redis.Redis, cluster)  # the same commands, routed by slot
     if not topology.uses_sentinel:
         return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     # redis-py before 8 has no type hints in its sentinel module; 8 has them.
@@ -213,6 +232,17 @@ def _connect_async_redis(
 ) -> tuple[redis.asyncio.Redis, list[redis.asyncio.Redis]]:
     """:func:`_connect_redis` for ``redis.asyncio``; also the sentinel clients to close."""
     topology = parse_broker_url(url)
+    if topology.uses_cluster:
+        cluster: Any = redis.asyncio.cluster.RedisCluster(
+            startup_nodes=[
+                redis.asyncio.cluster.ClusterNode(h, p) for h, p in topology.cluster_nodes
+            ],
+            username=topology.params.get("username"),
+            password=topology.params.get("password"),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        return cast(redis.asyncio.Redis, cluster), []
     if not topology.uses_sentinel:
         plain = redis.asyncio.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout
@@ -252,10 +282,11 @@ class RedisPublisher:
     ) -> None:
         self._history_size, self._history_max_age = _retention(history_size, history_max_age)
         try:
+            self._layout = _layout(url)
             self._redis = _connect_redis(url, timeout)
-        except ValueError as exc:
+        except (ValueError, redis.RedisError) as exc:
             raise SisyphusClientError(f"invalid Redis URL: {exc}") from None
-        self._script = self._redis.register_script(PUBLISH_SCRIPT)
+        self._script = self._redis.register_script(self._layout.publish_script)
 
     def publish(self, channel: str, data: str | bytes) -> str:
         return self._sequenced(_publish_message(channel, data))
@@ -267,21 +298,24 @@ class RedisPublisher:
         return self._sequenced(_rights_message("revoked", user_id, channels))
 
     def position(self) -> str:
+        layout = self._layout
         try:
             with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(EPOCH_KEY, new_epoch(), nx=True)
-                pipe.get(EPOCH_KEY)
-                pipe.get(SEQUENCE_KEY)
+                pipe.set(layout.epoch_key, new_epoch(), nx=True)
+                pipe.get(layout.epoch_key)
+                pipe.get(layout.sequence_key)
                 _, epoch, seq = pipe.execute()
         except redis.RedisError as exc:
             raise SisyphusClientError(f"redis: {exc}") from None
         return _now_id(epoch, seq)
 
     def _sequenced(self, message: _Message) -> str:
-        keys, args = publish_call(
-            *message[:2], self._history_size, self._history_max_age, new_epoch(), message[2]
-        )
+        keys, args, change = _script_call(message, self._layout, self._history_size,
+                                          self._history_max_age)  # fmt: skip
         try:
+            if change is not None:
+                verb, key, channels = change
+                (self._redis.sadd if verb == "SADD" else self._redis.srem)(key, *channels)
             answer = self._script(keys=keys, args=args)
         except redis.RedisError as exc:
             raise SisyphusClientError(f"redis: {exc}") from None
@@ -293,6 +327,21 @@ class RedisPublisher:
 
 # (channel, payload, rights change) as the publish script takes them.
 _Message = tuple[str, bytes, tuple[str, str, list[str]] | None]
+
+
+def _script_call(
+    message: _Message, layout: KeyLayout, history_size: int, history_max_age: float
+) -> tuple[list[str], list[str | bytes], tuple[str, str, list[str]] | None]:
+    """The publish script's KEYS and ARGV, and on a Cluster the set's change to send
+    before it (the set is in another slot than the script's keys)."""
+    channel, payload, rights = message
+    change = None
+    if rights is not None and layout is CLUSTER_LAYOUT:
+        verb, user_id, channels = rights
+        change, rights = (verb, channels_key(user_id), channels), None
+    keys, args = publish_call(channel, payload, history_size, history_max_age, new_epoch(),
+                              rights, layout)  # fmt: skip
+    return keys, args, change
 
 
 def _retention(history_size: int | None, history_max_age: float | None) -> tuple[int, float]:
@@ -420,10 +469,11 @@ class AsyncRedisPublisher(_AsyncClosing):
     ) -> None:
         self._history_size, self._history_max_age = _retention(history_size, history_max_age)
         try:
+            self._layout = _layout(url)
             self._redis, self._sentinels = _connect_async_redis(url, timeout)
-        except ValueError as exc:
+        except (ValueError, redis.RedisError) as exc:
             raise SisyphusClientError(f"invalid Redis URL: {exc}") from None
-        self._script = self._redis.register_script(PUBLISH_SCRIPT)
+        self._script = self._redis.register_script(self._layout.publish_script)
 
     async def publish(self, channel: str, data: str | bytes) -> str:
         return await self._sequenced(_publish_message(channel, data))
@@ -435,21 +485,24 @@ class AsyncRedisPublisher(_AsyncClosing):
         return await self._sequenced(_rights_message("revoked", user_id, channels))
 
     async def position(self) -> str:
+        layout = self._layout
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(EPOCH_KEY, new_epoch(), nx=True)
-                pipe.get(EPOCH_KEY)
-                pipe.get(SEQUENCE_KEY)
+                pipe.set(layout.epoch_key, new_epoch(), nx=True)
+                pipe.get(layout.epoch_key)
+                pipe.get(layout.sequence_key)
                 _, epoch, seq = await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             raise SisyphusClientError(f"redis: {exc}") from None
         return _now_id(epoch, seq)
 
     async def _sequenced(self, message: _Message) -> str:
-        keys, args = publish_call(
-            *message[:2], self._history_size, self._history_max_age, new_epoch(), message[2]
-        )
+        keys, args, change = _script_call(message, self._layout, self._history_size,
+                                          self._history_max_age)  # fmt: skip
         try:
+            if change is not None:
+                verb, key, channels = change
+                await (self._redis.sadd if verb == "SADD" else self._redis.srem)(key, *channels)
             answer = await self._script(keys=keys, args=args)
         except (redis.RedisError, OSError) as exc:
             raise SisyphusClientError(f"redis: {exc}") from None

@@ -18,9 +18,9 @@ stores the new replication id).
 
 from __future__ import annotations
 
-from sisyphus.brokers.lua import SEQUENCE_KEY
+from sisyphus.brokers.lua import SINGLE_LAYOUT, KeyLayout
 
-REPLICATION_ID_KEY = "sisyphus:replid"
+REPLICATION_ID_KEY = SINGLE_LAYOUT.replication_id_key
 # Far more messages than a replica ever lags by; ids stay far below 19 digits for
 # billions of failovers.
 SEQUENCE_GAP = 1_000_000_000
@@ -47,7 +47,7 @@ def replication_id(info: bytes | str) -> str | None:
     return None
 
 
-def guard_call(replid: str) -> tuple[str, ...]:
+def guard_call(replid: str, layout: KeyLayout = SINGLE_LAYOUT) -> tuple[str, ...]:
     """The ``EVAL`` command that stores ``replid`` and moves the sequence on if it changed."""
-    return ("EVAL", GUARD_SCRIPT, "2", REPLICATION_ID_KEY, SEQUENCE_KEY, replid,
-            str(SEQUENCE_GAP))  # fmt: skip
+    return ("EVAL", GUARD_SCRIPT, "2", layout.replication_id_key, layout.sequence_key,
+            replid, str(SEQUENCE_GAP))  # fmt: skip

@@ -15,7 +15,9 @@ keeps it apart from every channel a user can read.
 
 from __future__ import annotations
 
-from sisyphus.protocol.names import channels_key, history_key
+from dataclasses import dataclass
+
+from sisyphus.protocol.names import channels_key
 
 EPOCH_KEY = "sisyphus:epoch"
 SEQUENCE_KEY = "sisyphus:seq"
@@ -32,12 +34,7 @@ SEQUENCED_PREFIX_BYTES = SEQUENCED_PREFIX.encode("ascii")
 _EPOCH_CHARS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyz")
 
 
-def sequenced_channel(channel: str) -> str:
-    """The Redis channel that carries ``channel``'s sequenced messages."""
-    return SEQUENCED_PREFIX + channel
-
-
-PUBLISH_SCRIPT = """
+_PUBLISH_SCRIPT = """
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[5]
@@ -61,9 +58,65 @@ if #newest == 0 or tonumber(newest[2]) < tonumber(now) then
   redis.call('ZADD', KEYS[5], now, seq)
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (tonumber(now) - tonumber(ARGV[4])))
 end
-redis.call('PUBLISH', ARGV[1], '\\30s1 ' .. epoch .. ' ' .. seq .. ' ' .. now .. '\\n' .. ARGV[2])
+redis.call('<PUBLISH>', ARGV[1], '\\30s1 ' .. epoch .. ' ' .. seq .. ' ' .. now .. '\\n' .. ARGV[2])
 return {epoch, seq, tonumber(now)}
 """
+PUBLISH_SCRIPT = _PUBLISH_SCRIPT.replace("<PUBLISH>", "PUBLISH")
+# On a Redis Cluster the envelope goes out on the sequence's shard: a script may only
+# publish on a shard channel of the slot its keys are in.
+CLUSTER_PUBLISH_SCRIPT = _PUBLISH_SCRIPT.replace("<PUBLISH>", "SPUBLISH")
+
+
+def sequenced_channel(channel: str) -> str:
+    """The Redis channel that carries ``channel``'s sequenced messages."""
+    return SEQUENCED_PREFIX + channel
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Where the sequence, the histories and the envelopes' channels live.
+
+    On one Redis, under ``sisyphus:``. On a Redis Cluster, all of them in the one
+    hash slot of ``{sisyphus}``: every script then touches one slot, and the
+    envelopes are shard channels of that slot, so one pub/sub link hears every
+    sequenced message, in seq order. Users' sets keep the seed's names (the main
+    application writes them), so they spread over the cluster.
+    """
+
+    prefix: str
+    # PUBLISH on one Redis, SPUBLISH (a shard channel) on a Cluster.
+    publish_verb: str
+    publish_script: str
+
+    @property
+    def epoch_key(self) -> str:
+        return self.prefix + ":epoch"
+
+    @property
+    def sequence_key(self) -> str:
+        return self.prefix + ":seq"
+
+    @property
+    def timeline_key(self) -> str:
+        return self.prefix + ":timeline"
+
+    @property
+    def replication_id_key(self) -> str:
+        return self.prefix + ":replid"
+
+    @property
+    def sequenced_prefix(self) -> str:
+        return self.prefix + ":seq "
+
+    def history_key(self, channel: str) -> str:
+        return self.prefix + ":history:" + channel
+
+    def sequenced_channel(self, channel: str) -> str:
+        return self.sequenced_prefix + channel
+
+
+SINGLE_LAYOUT = KeyLayout("sisyphus", "PUBLISH", PUBLISH_SCRIPT)
+CLUSTER_LAYOUT = KeyLayout("{sisyphus}", "SPUBLISH", CLUSTER_PUBLISH_SCRIPT)
 
 
 # The user's rights set, the current position and the retention edge (the first seq
@@ -85,6 +138,21 @@ local now = tonumber(redis.call('TIME')[1])
 local first = redis.call('ZRANGEBYSCORE', KEYS[4], now - tonumber(ARGV[2]), '+inf', 'LIMIT', 0, 1)
 local oldest = first[1] or tostring(tonumber(seq) + 1)
 return {kind, epoch, seq, members, oldest}
+"""
+
+# SNAPSHOT_SCRIPT without the user's set, for a Redis Cluster (the set is in another
+# slot): the current position and the retention edge.
+POSITION_SCRIPT = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+end
+local seq = redis.call('GET', KEYS[2]) or '0'
+local now = tonumber(redis.call('TIME')[1])
+local first = redis.call('ZRANGEBYSCORE', KEYS[3], now - tonumber(ARGV[2]), '+inf', 'LIMIT', 0, 1)
+local oldest = first[1] or tostring(tonumber(seq) + 1)
+return {epoch, seq, oldest}
 """
 
 # Per channel: whether a message after the position was trimmed (the first retained
@@ -153,12 +221,14 @@ def publish_call(
     history_max_age: float,
     epoch_candidate: str,
     rights: tuple[str, str, list[str]] | None = None,
+    layout: KeyLayout = SINGLE_LAYOUT,
 ) -> tuple[list[str], list[str | bytes]]:
-    """KEYS and ARGV for :data:`PUBLISH_SCRIPT`; ``rights`` is (SADD|SREM, user, channels)."""
-    history = history_key(channel)
-    keys = [EPOCH_KEY, SEQUENCE_KEY, history, history, TIMELINE_KEY]
+    """KEYS and ARGV for ``layout.publish_script``; ``rights`` is (SADD|SREM, user,
+    channels), only on one Redis (on a Cluster the set is in another slot)."""
+    history = layout.history_key(channel)
+    keys = [layout.epoch_key, layout.sequence_key, history, history, layout.timeline_key]
     args: list[str | bytes] = [
-        sequenced_channel(channel),
+        layout.sequenced_channel(channel),
         payload,
         str(history_size),
         str(max(1, int(history_max_age))),
@@ -166,6 +236,8 @@ def publish_call(
         "",
     ]
     if rights is not None:
+        if layout is not SINGLE_LAYOUT:
+            raise ValueError("on a Redis Cluster, change the set apart from the publish")
         verb, user_id, channels = rights
         keys[3] = channels_key(user_id)
         args[5] = verb

@@ -1,7 +1,9 @@
 """Where the Redis master is: a plain URL, or Redis Sentinel naming it.
 
-Owns parsing the broker URL forms (``redis://``, ``rediss://``, ``unix://`` and
-``redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB]``) and finding the
+Owns parsing the broker URL forms (``redis://``, ``rediss://``, ``unix://``,
+``redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB]`` and
+``redis+cluster://HOST:PORT[,HOST:PORT...]``, whose nodes are where the slot
+map is first asked; see :mod:`sisyphus.brokers.slots`) and finding the
 connection parameters of the current master before each connect. Following a
 failover is the links' job: they ask again whenever they reconnect, and the
 broker compares the answer with where its links are.
@@ -22,6 +24,7 @@ from sisyphus.brokers.redis_link import LinkError, ReplyError, RespProtocol, ope
 log = logging.getLogger("sisyphus.redis")
 
 SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class Topology:
     params: dict[str, Any]
     sentinels: tuple[tuple[str, int], ...] = ()
     master_name: str = ""
+    # Redis Cluster: the nodes to ask for the slot map (any of them will do).
+    cluster_nodes: tuple[tuple[str, int], ...] = ()
     # The address the last lookup returned (Sentinel only), for logs.
     last_seen: list[tuple[str, int]] = field(default_factory=list, compare=False)
 
@@ -38,30 +43,55 @@ class Topology:
     def uses_sentinel(self) -> bool:
         return bool(self.sentinels)
 
+    @property
+    def uses_cluster(self) -> bool:
+        return bool(self.cluster_nodes)
+
 
 def parse_broker_url(url: str) -> Topology:
     """A broker URL in any supported form; ``ValueError`` says what is wrong with it."""
+    if url.startswith(CLUSTER_SCHEME + "://"):
+        return _parse_cluster_url(url)
     if not url.startswith(SENTINEL_SCHEME + "://"):
         return Topology(dict(parse_url(url)))
     parts = urlsplit(url)
-    _, _, hosts = parts.netloc.rpartition("@")
-    sentinels = []
-    for item in hosts.split(","):
-        host, _, port = item.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"a sentinel must be HOST:PORT, got {item!r}")
-        sentinels.append((host.strip("[]"), int(port)))
+    sentinels = _addresses(parts.netloc, "sentinel")
     path = [piece for piece in parts.path.split("/") if piece]
     if not path or len(path) > 2:
         raise ValueError("name the master: redis+sentinel://HOST:PORT[,HOST:PORT...]/NAME[/DB]")
     if len(path) == 2 and not path[1].isdigit():
         raise ValueError(f"the database must be a number, got {path[1]!r}")
-    params: dict[str, Any] = {"db": int(path[1]) if len(path) == 2 else 0}
+    params: dict[str, Any] = {"db": int(path[1]) if len(path) == 2 else 0, **_credentials(url)}
+    return Topology(params, sentinels, unquote(path[0]))
+
+
+def _parse_cluster_url(url: str) -> Topology:
+    parts = urlsplit(url)
+    nodes = _addresses(parts.netloc, "cluster node")
+    if parts.path.strip("/") not in ("", "0") or parts.query:
+        raise ValueError("a cluster URL names nodes only: redis+cluster://HOST:PORT[,HOST:PORT...]")
+    return Topology({"db": 0, **_credentials(url)}, cluster_nodes=nodes)
+
+
+def _addresses(netloc: str, what: str) -> tuple[tuple[str, int], ...]:
+    _, _, hosts = netloc.rpartition("@")
+    found = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"a {what} must be HOST:PORT, got {item!r}")
+        found.append((host.strip("[]"), int(port)))
+    return tuple(found)
+
+
+def _credentials(url: str) -> dict[str, str]:
+    parts = urlsplit(url)
+    found = {}
     if parts.password is not None:
-        params["password"] = unquote(parts.password)
+        found["password"] = unquote(parts.password)
     if parts.username:
-        params["username"] = unquote(parts.username)
-    return Topology(params, tuple(sentinels), unquote(path[0]))
+        found["username"] = unquote(parts.username)
+    return found
 
 
 async def ask_sentinels(topology: Topology, per_sentinel: float) -> tuple[str, int]:

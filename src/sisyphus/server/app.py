@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable
 
 from sisyphus.brokers.base import Broker
+from sisyphus.brokers.cluster import ClusterBroker
 from sisyphus.brokers.memory import MemoryBroker
 from sisyphus.brokers.redis import RedisBroker
+from sisyphus.brokers.topology import parse_broker_url
 from sisyphus.config import Settings, redact_password
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.hub.hub import Hub
@@ -50,6 +52,15 @@ MAX_TICK_SECONDS = 1.0
 
 
 def make_broker(settings: Settings, wall_clock: Callable[[], float] = time.time) -> Broker:
+    if settings.redis_url and parse_broker_url(settings.redis_url).uses_cluster:
+        return ClusterBroker(
+            settings.redis_url,
+            timeout=settings.broker_timeout,
+            history_size=settings.history_size,
+            history_max_age=settings.history_max_age,
+            ping_interval=settings.broker_ping_interval,
+            linger=settings.subscription_linger,
+        )
     if settings.redis_url:
         return RedisBroker(
             settings.redis_url,

@@ -1,0 +1,725 @@
+"""The Redis Cluster broker: sharded pub/sub, one link per shard that holds channels.
+
+Owns: the slot map, one pub/sub link per primary that serves a subscribed channel
+(``SSUBSCRIBE``/``SUNSUBSCRIBE``, reference-counted by the hub as on one Redis),
+one command link per primary the service asks, and following the cluster when it
+changes.
+
+Layout (see :class:`~sisyphus.brokers.lua.KeyLayout`): the sequence, the histories
+and the envelopes' shard channels all live in the slot of ``{sisyphus}``, so every
+script touches one slot and one link hears every sequenced message in seq order:
+ids and resume are exactly those of one Redis. A channel's plain shard channel (the
+main application's ``SPUBLISH``) and users' sets (``user:<id>:channels``) live where
+their names hash, spread over the shards.
+
+Following the cluster: a pub/sub link that is lost or stops answering, a shard
+channel the server unsubscribes by itself (its slot moved, or its primary was
+demoted), or a ``MOVED`` answer to a subscription, all end the whole pub/sub side at
+once: every stream gets `error` with its `retry:` and resumes by id, while the
+broker asks for the slot map again and subscribes everything where it now lives.
+That is the same path as a lost link on one Redis, so nothing is ever half-heard.
+Commands follow ``MOVED`` and ``ASK`` by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Iterable, Sequence, Set
+from typing import Any, TypeVar
+
+import hiredis
+
+from sisyphus.brokers import backoff, failover
+from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
+from sisyphus.brokers.lua import (
+    CLUSTER_LAYOUT,
+    HISTORY_SCRIPT,
+    POSITION_SCRIPT,
+    parse_envelope,
+    publish_call,
+)
+from sisyphus.brokers.memory import new_epoch
+from sisyphus.brokers.redis_link import CommandLink, LinkError, ReplyError, RespProtocol, open_link
+from sisyphus.brokers.slots import Address, SlotMap, discover, redirect_of
+from sisyphus.brokers.topology import parse_broker_url
+from sisyphus.errors import BrokerUnavailable
+from sisyphus.protocol.names import channels_key, user_channel
+from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry
+
+log = logging.getLogger("sisyphus.redis")
+
+T = TypeVar("T")
+
+LAYOUT = CLUSTER_LAYOUT
+_SEQUENCED_PREFIX = LAYOUT.sequenced_prefix.encode()
+# Any key of the sequence's slot: where the sequence link goes.
+_SEQUENCE_SLOT_KEY = LAYOUT.sequence_key
+# How often a command follows a redirection before giving up (a slot moving twice).
+_REDIRECTS = 3
+# A multi-key script during a slot's migration answers TRYAGAIN: wait this long.
+_TRYAGAIN_DELAY = 0.05
+
+
+def _names(channels: Iterable[str]) -> list[str]:
+    """The shard channels behind hub channels: the plain one and the sequenced one."""
+    channels = list(channels)
+    return channels + [LAYOUT.sequenced_channel(channel) for channel in channels]
+
+
+def _busy(error: ReplyError) -> bool:
+    """A refusal that passes by itself: a multi-key command during a slot's migration,
+    or a cluster that is electing a new primary."""
+    return str(error).startswith(("TRYAGAIN", "CLUSTERDOWN"))
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _members(reply: list[bytes]) -> set[str] | None:
+    return {member.decode("utf-8", "replace") for member in reply} if reply else None
+
+
+def _history_entry(channel: str, entry_id: bytes, fields: list[bytes]) -> HistoryEntry:
+    values = dict(zip(fields[::2], fields[1::2], strict=True))
+    return HistoryEntry(
+        int(entry_id.split(b"-")[0]), channel, values[b"p"], int(values.get(b"t", b"0"))
+    )
+
+
+class _ShardLink(RespProtocol):
+    """A pub/sub link to one primary: shard messages and (un)subscriptions go to the
+    broker, PONGs to their PING; any error answer ends it (a ``MOVED`` included)."""
+
+    def __init__(self, broker: ClusterBroker, address: Address) -> None:
+        super().__init__()
+        self._broker = broker
+        self.address = address
+        self.established = False
+
+    def on_reply(self, reply: Any) -> None:
+        if type(reply) is list:
+            kind = reply[0]
+            if kind == b"smessage":
+                self._broker._on_shard_message(reply[1], reply[2])
+                return
+            if kind == b"ssubscribe" or kind == b"sunsubscribe":
+                self._broker._on_confirmation(self, kind, reply[1].decode("utf-8", "replace"))
+                return
+            if kind == b"pong":
+                self.answer(b"PONG")
+                return
+        if self.established and isinstance(reply, hiredis.ReplyError):
+            log.error("redis cluster %s:%d pub/sub error: %s", *self.address, reply)
+            self._broker._lose(f"{self.address[0]}:{self.address[1]} answered {reply}")
+            return
+        self.answer(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._broker._on_link_lost(self)
+
+
+class ClusterBroker:
+    name = "redis-cluster"
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 5.0,
+        history_size: int = 1000,
+        history_max_age: float = 3600.0,
+        ping_interval: float = 5.0,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 10.0,
+        linger: float = 0.0,
+    ) -> None:
+        topology = parse_broker_url(url)
+        if not topology.uses_cluster:
+            raise ValueError("a Redis Cluster URL is redis+cluster://HOST:PORT[,HOST:PORT...]")
+        self._seeds = topology.cluster_nodes
+        self._params = topology.params
+        self._timeout = timeout
+        self._history_size = history_size
+        self._history_max_age = history_max_age
+        self._ping_interval = ping_interval
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._linger = linger
+        self._map: SlotMap | None = None
+        self._map_refresh: asyncio.Task[None] | None = None
+        # Command links: one per primary asked, plus the sequence's own (which checks
+        # the failover guard whenever it connects, wherever the slot has gone).
+        self._commands: dict[Address, CommandLink] = {}
+        self._sequence = CommandLink(
+            self._locate_sequence, timeout, backoff_base, backoff_cap, on_open=self._guard
+        )
+        self._probe: asyncio.Task[None] | None = None
+        self._on_message: MessageHandler = drop_message
+        self._on_lost: LostHandler = ignore_loss
+        self._closing = False
+        # The pub/sub side: up once the map is known; its links, by primary, once their
+        # handshake answered, and the ones being opened with the names waiting for them.
+        self._up = False
+        self._links: dict[Address, _ShardLink] = {}
+        self._opening: dict[Address, list[str]] = {}
+        self._generation = 0  # bumped at every loss: a link opened for an older one is dropped
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._failures = 0
+        self._last_ping = 0.0
+        # As on one Redis: shard channels wanted, replies due, confirmations (numbered),
+        # lingering hub channels, and who waits for which confirmation.
+        self._wanted: set[str] = set()
+        self._home: dict[str, Address] = {}  # where each wanted name was subscribed
+        self._outstanding: dict[str, int] = {}
+        self._confirmed: dict[str, int] = {}
+        self._confirmations = 0
+        self._lingering: dict[str, float] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.reconnects = 0
+        self.malformed = 0
+        self._unguarded = False
+
+    def bind(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
+        self._on_message = on_message
+        self._on_lost = on_lost
+
+    # Lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await self._connect()
+        except BrokerUnavailable as exc:
+            log.warning("redis cluster unavailable at start (%s); retrying in the background", exc)
+            self._schedule_reconnect()
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in (self._reconnect_task, self._probe, self._map_refresh):
+            if task is not None:
+                task.cancel()
+        for link in list(self._links.values()):
+            link.abort()
+        self._links.clear()
+        self._fail_waiters()
+        self._sequence.close()
+        for command_link in self._commands.values():
+            command_link.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._up
+
+    @property
+    def ready(self) -> bool:
+        """The map is known, every wanted channel is confirmed, and the sequence's
+        primary answers."""
+        return (
+            self._up
+            and not self._opening
+            and self._confirmed.keys() == self._wanted
+            and self._sequence.healthy
+        )
+
+    def tick(self, now: float) -> None:
+        """Each link's own timeout and idle PINGs, as on one Redis."""
+        if self._lingering:
+            self._end_lingering(now)
+        ping = now - self._last_ping >= self._ping_interval
+        if ping:
+            self._last_ping = now
+        for link in list(self._links.values()):
+            if link.overdue(now, self._timeout):
+                log.error("redis cluster %s:%d: no answer in %.1f s", *link.address, self._timeout)
+                self._lose(f"{link.address[0]}:{link.address[1]} stopped answering")
+                break
+            if ping and not link.pending:
+                link.request("PING").add_done_callback(_retrieve)
+        for command_link in (self._sequence, *self._commands.values()):
+            command_link.check(now)
+            command_link.ping(now, self._ping_interval)
+        if not self._sequence.healthy and self._probe is None and not self._closing:
+            self._probe = asyncio.get_running_loop().create_task(self._probe_sequence())
+
+    async def _probe_sequence(self) -> None:
+        try:
+            await self._sequence.call("PING")
+        except (LinkError, ReplyError, OSError) as exc:
+            log.debug("redis cluster sequence link probe failed: %s", exc)
+            self._refresh_map_soon()
+        finally:
+            self._probe = None
+
+    # The slot map ----------------------------------------------------------
+    async def _discover(self) -> SlotMap:
+        known = self._map.primaries() if self._map is not None else set()
+        # The URL's nodes first, then every primary seen since (the URL's may be gone).
+        nodes = list(dict.fromkeys([*self._seeds, *sorted(known)]))
+        try:
+            found = await discover(nodes, self._params, self._timeout)
+        except LinkError as exc:
+            raise BrokerUnavailable(str(exc)) from None
+        self._map = found
+        return found
+
+    def _refresh_map_soon(self) -> None:
+        """Ask for the map again in the background (after a MOVED, a failed link)."""
+        if self._map_refresh is not None or self._closing:
+            return
+
+        async def refresh() -> None:
+            try:
+                await self._discover()
+            except BrokerUnavailable as exc:
+                log.warning("redis cluster: %s", exc)
+            finally:
+                self._map_refresh = None
+
+        self._map_refresh = asyncio.get_running_loop().create_task(refresh())
+
+    def _params_at(self, address: Address) -> dict[str, Any]:
+        return {**self._params, "host": address[0], "port": address[1]}
+
+    async def _locate_sequence(self) -> dict[str, Any]:
+        found = self._map if self._map is not None else await self._discover()
+        address = found.node_for(_SEQUENCE_SLOT_KEY)
+        if address is None:
+            raise LinkError("no primary serves the sequence's slot")
+        return self._params_at(address)
+
+    async def _guard(self, link: RespProtocol) -> None:
+        """The sequence's primary: if its history diverged, no id may be reused."""
+        try:
+            replid = failover.replication_id(await link.request("INFO", "replication"))
+            if replid is None:
+                return
+            jumped = await link.request(*failover.guard_call(replid, LAYOUT))
+        except ReplyError as exc:
+            if redirect_of(exc) is not None:
+                raise  # the slot moved since the map was read: this link is not the one
+            if not self._unguarded:
+                self._unguarded = True
+                log.warning(
+                    "redis cluster: can't check the server's replication history (%s): after "
+                    "a failover that lost writes, ids may be handed out twice; allow INFO and "
+                    "the key %s to the service's user",
+                    exc,
+                    LAYOUT.replication_id_key,
+                )
+            return
+        if jumped:
+            log.warning(
+                "redis cluster: the sequence's primary has a new replication history (a "
+                "failover that may have lost writes): ids continue %d further on",
+                failover.SEQUENCE_GAP,
+            )
+
+    # The pub/sub side --------------------------------------------------------
+    async def _connect(self) -> None:
+        """Learn the map, then open the links the wanted channels need and subscribe."""
+        found = await self._discover()
+        if self._closing:
+            return
+        self._up = True
+        self._outstanding.clear()
+        self._confirmed.clear()
+        self._home.clear()
+        self._wanted.difference_update(_names(self._lingering))
+        self._lingering.clear()
+        self._route(sorted(self._wanted), found)
+        log.info("redis cluster pub/sub connected channels=%d", len(self._wanted) // 2)
+
+    def _route(self, names: list[str], found: SlotMap) -> None:
+        """Subscribe each name on the primary that serves it, opening links as needed."""
+        by_node: dict[Address, list[str]] = {}
+        for name in names:
+            address = found.node_for(name)
+            if address is None:
+                self._lose(f"no primary serves the slot of {name!r}")
+                return
+            by_node.setdefault(address, []).append(name)
+        for address, group in by_node.items():
+            link = self._links.get(address)
+            if link is not None:
+                self._send_subscriptions(link, "SSUBSCRIBE", group)
+            elif address in self._opening:
+                self._opening[address].extend(group)
+            else:
+                self._opening[address] = group
+                asyncio.get_running_loop().create_task(self._open(address, self._generation))
+
+    async def _open(self, address: Address, generation: int) -> None:
+        try:
+            link = await open_link(
+                self._params_at(address),
+                lambda: _ShardLink(self, address),
+                self._timeout,
+                select_db=False,
+            )
+        except (LinkError, ReplyError) as exc:
+            if generation == self._generation:
+                self._lose(f"can't open pub/sub at {address[0]}:{address[1]}: {exc}")
+            return
+        if generation != self._generation or self._closing or link.closed:
+            link.abort()
+            if generation == self._generation and not self._closing:
+                self._lose(f"pub/sub at {address[0]}:{address[1]} lost during its set-up")
+            return
+        link.established = True
+        self._links[address] = link
+        names = [name for name in self._opening.pop(address, []) if name in self._wanted]
+        self._send_subscriptions(link, "SSUBSCRIBE", names)
+
+    def _send_subscriptions(self, link: _ShardLink, verb: str, names: list[str]) -> None:
+        # A shard subscription names channels of one slot: one command per channel.
+        for name in names:
+            self._outstanding[name] = self._outstanding.get(name, 0) + 1
+            if verb == "SSUBSCRIBE":
+                self._home[name] = link.address
+            link.send((verb, name))
+
+    def _lose(self, reason: str) -> None:
+        """End the whole pub/sub side; streams resume by id once it is back."""
+        if not self._up:
+            return
+        self._up = False
+        self._failures += 1  # a subscription confirmed again resets it
+        self._generation += 1
+        links, self._links = self._links, {}
+        self._opening.clear()
+        self._home.clear()
+        self._confirmed.clear()
+        self._outstanding.clear()
+        for link in links.values():
+            link.abort()
+        self._fail_waiters()
+        if self._closing:
+            return
+        log.error("redis cluster pub/sub: %s; reconnecting", reason)
+        self._schedule_reconnect()
+        try:
+            self._on_lost()
+        except Exception:
+            log.exception("a listener of the broker's loss failed")
+
+    def _on_link_lost(self, link: _ShardLink) -> None:
+        if self._links.get(link.address) is link:
+            self._lose(f"pub/sub connection to {link.address[0]}:{link.address[1]} lost")
+
+    def _schedule_reconnect(self) -> None:
+        if self._closing or self._reconnect_task is not None:
+            return
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            while not self._closing:
+                await asyncio.sleep(
+                    backoff.delay(
+                        self._failures, self._backoff_base, self._backoff_cap, random.random
+                    )
+                )
+                try:
+                    await self._connect()
+                except BrokerUnavailable as exc:
+                    self._failures += 1
+                    log.warning(
+                        "redis cluster reconnect attempt=%d failed: %s", self._failures, exc
+                    )
+                    continue
+                self.reconnects += 1
+                return
+        finally:
+            self._reconnect_task = None
+
+    def _fail_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for future in [f for futures in waiters.values() for f in futures]:
+            if not future.done():
+                future.set_exception(BrokerUnavailable("redis cluster pub/sub connection lost"))
+                future.exception()
+
+    def subscribe(self, channels: list[str]) -> None:
+        lingering = self._lingering
+        if lingering:
+            channels = [channel for channel in channels if lingering.pop(channel, None) is None]
+            if not channels:
+                return
+        names = _names(channels)
+        self._wanted.update(names)
+        if self._up and self._map is not None:
+            self._route(names, self._map)
+
+    def unsubscribe(self, channels: list[str]) -> None:
+        if self._linger > 0:
+            deadline = asyncio.get_running_loop().time() + self._linger
+            for channel in channels:
+                self._lingering[channel] = deadline
+            return
+        self._drop(_names(channels))
+
+    def _end_lingering(self, now: float) -> None:
+        ended = []
+        for channel, deadline in self._lingering.items():
+            if deadline > now:
+                break
+            ended.append(channel)
+        for channel in ended:
+            del self._lingering[channel]
+        if ended:
+            self._drop(_names(ended))
+
+    def _drop(self, names: list[str]) -> None:
+        self._wanted.difference_update(names)
+        for name in names:
+            self._confirmed.pop(name, None)
+            for future in self._waiters.pop(name, ()):
+                if not future.done():
+                    future.set_result(None)
+            address = self._home.pop(name, None)
+            link = self._links.get(address) if address is not None else None
+            if link is not None:
+                self._outstanding[name] = self._outstanding.get(name, 0) + 1
+                link.send(("SUNSUBSCRIBE", name))
+
+    def _on_confirmation(self, link: _ShardLink, kind: bytes, name: str) -> None:
+        if self._links.get(link.address) is not link:
+            return  # a link of an ended generation
+        due = self._outstanding.get(name, 0)
+        if due <= 0:
+            if kind == b"sunsubscribe" and name in self._wanted:
+                # Unasked: the server gave the channel's slot away (a migration, a failover).
+                self._lose(f"{link.address[0]}:{link.address[1]} no longer serves {name!r}")
+            return
+        if due > 1:
+            self._outstanding[name] = due - 1
+            return
+        del self._outstanding[name]
+        if kind == b"ssubscribe" and name in self._wanted:
+            self._failures = 0  # a real round trip on the pub/sub side
+            self._confirmations += 1
+            self._confirmed[name] = self._confirmations
+            for future in self._waiters.pop(name, ()):
+                if not future.done():
+                    future.set_result(None)
+
+    def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:
+        mark = position.confirmations
+        if mark <= 0:
+            return False
+        confirmed = self._confirmed
+        for name in _names(channels):
+            number = confirmed.get(name)
+            if number is None or number > mark:
+                return False
+        return True
+
+    async def wait_subscribed(self, channels: Iterable[str]) -> None:
+        if not self._up:
+            raise BrokerUnavailable("redis cluster pub/sub is not connected")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for name in _names(channels):
+            if name not in self._confirmed:
+                future: asyncio.Future[None] = loop.create_future()
+                self._waiters.setdefault(name, []).append(future)
+                futures.append(future)
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def barrier(self) -> None:
+        """PING on every pub/sub link: each PONG comes after every message published
+        before on its shard."""
+        if not self._up:
+            raise BrokerUnavailable("redis cluster pub/sub is not connected")
+        try:
+            await asyncio.gather(*(link.request("PING") for link in list(self._links.values())))
+        except (LinkError, ReplyError) as exc:
+            raise BrokerUnavailable(f"redis cluster pub/sub: {exc}") from None
+
+    def _on_shard_message(self, name: bytes, payload: bytes) -> None:
+        if name.startswith(_SEQUENCED_PREFIX):
+            envelope = parse_envelope(payload)
+            if envelope is None:
+                self.malformed += 1
+                if self.malformed & (self.malformed - 1) == 0:
+                    log.warning(
+                        "dropped %d malformed sequenced messages (latest on %r)",
+                        self.malformed,
+                        name,
+                    )
+                return
+            epoch, seq, time, body = envelope
+            channel = name[len(_SEQUENCED_PREFIX) :].decode("utf-8", "replace")
+            self._on_message(channel, body, seq, epoch, time)
+            return
+        self._on_message(name.decode("utf-8", "replace"), payload, None, None, 0)
+
+    # Commands --------------------------------------------------------------
+    def _command_link(self, address: Address) -> CommandLink:
+        link = self._commands.get(address)
+        if link is None:
+            params = self._params_at(address)
+
+            async def locate() -> dict[str, Any]:
+                return params
+
+            link = self._commands[address] = CommandLink(
+                locate, self._timeout, self._backoff_base, self._backoff_cap
+            )
+        return link
+
+    async def _routed(self, key: str, command: tuple[Any, ...]) -> Any:
+        """``command`` on the primary serving ``key``, following redirections; Redis's
+        own refusals stay :class:`ReplyError`."""
+        found = self._map if self._map is not None else await self._discover()
+        address = found.node_for(key)
+        asking = False
+        for _ in range(_REDIRECTS):
+            if address is None:
+                raise BrokerUnavailable("redis cluster: no primary serves the key's slot")
+            link = self._command_link(address)
+            try:
+                if not asking:
+                    return await self._call(link.call(*command))
+                # ASKING holds for the next command on the connection: both in one write.
+                _, reply = await self._call(link.call_all([("ASKING",), command]))
+                if isinstance(reply, ReplyError):
+                    raise reply
+                return reply
+            except ReplyError as exc:
+                redirect = redirect_of(exc)
+                if redirect is None:
+                    if not _busy(exc):
+                        raise
+                    await asyncio.sleep(_TRYAGAIN_DELAY)
+                    continue
+                address, asking = redirect.address, redirect.asking
+                if not asking:
+                    found.assign(redirect.slot, redirect.address)
+                    self._refresh_map_soon()
+        raise BrokerUnavailable("redis cluster: the key's slot kept moving; try again")
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        """Link failures become BrokerUnavailable; Redis's own answers stay ReplyError."""
+        try:
+            return await awaitable
+        except (LinkError, OSError) as exc:
+            self._refresh_map_soon()
+            raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None
+
+    async def _script(self, body: str, keys: list[str], args: list[Any]) -> Any:
+        """A script on the sequence's slot, on its own link; a redirection means the slot
+        moved (the link is replaced) or is moving (the script follows the ASK once)."""
+        for _ in range(_REDIRECTS):
+            try:
+                return await self._call(self._sequence.script(body, keys, args))
+            except ReplyError as exc:
+                redirect = redirect_of(exc)
+                if redirect is not None and redirect.asking:
+                    return await self._routed_script(redirect.address, body, keys, args)
+                if redirect is not None or str(exc).startswith("READONLY"):
+                    self._sequence.close()
+                    await self._discover()
+                    continue
+                if _busy(exc):
+                    await asyncio.sleep(_TRYAGAIN_DELAY)
+                    continue
+                raise BrokerUnavailable(f"redis refused a command: {exc}") from None
+        raise BrokerUnavailable("redis cluster: the sequence's slot kept moving; try again")
+
+    async def _routed_script(
+        self, address: Address, body: str, keys: list[str], args: list[Any]
+    ) -> Any:
+        link = self._command_link(address)
+        command = ("EVAL", body, len(keys), *keys, *args)
+        _, reply = await self._call(link.call_all([("ASKING",), command]))
+        if isinstance(reply, ReplyError):
+            raise BrokerUnavailable(f"redis refused a command: {reply}")
+        return reply
+
+    def user_channels_now(self, user_id: str) -> tuple[bool, Set[str] | None]:
+        return False, None  # sets live on other shards than their notices: always read
+
+    def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position] | None:
+        return None
+
+    async def user_channels_many(self, user_ids: Sequence[str]) -> list[set[str] | None]:
+        return list(await asyncio.gather(*(self._user_channels(u) for u in user_ids)))
+
+    async def _user_channels(self, user_id: str) -> set[str] | None:
+        key = channels_key(user_id)
+        try:
+            reply = await self._routed(key, ("SMEMBERS", key))
+        except ReplyError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise BrokerUnavailable(f"redis refused a command: {exc}") from None
+            log.warning("%s is not a SET: user=%s treated as unknown", key, user_id)
+            return None
+        return _members(reply)
+
+    async def snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
+        # The position first, then the set: a grant between the two reads is then
+        # replayed to the stream (harmless), never missed with the set before it.
+        confirmations = self._confirmations
+        position = await self._read_position(confirmations)
+        return await self._user_channels(user_id), position
+
+    async def _read_position(self, confirmations: int = 0) -> Position:
+        keys = [LAYOUT.epoch_key, LAYOUT.sequence_key, LAYOUT.timeline_key]
+        args = [new_epoch(), str(int(self._history_max_age))]
+        epoch, seq, oldest = await self._script(POSITION_SCRIPT, keys, args)
+        return Position(epoch.decode(), int(seq), int(oldest), confirmations)
+
+    async def position(self) -> Position:
+        return await self._read_position()
+
+    async def history(
+        self, channels: Iterable[str], after: int, limit: int, max_bytes: int
+    ) -> list[ChannelHistory]:
+        channels = list(channels)
+        keys = [LAYOUT.sequence_key, *(LAYOUT.history_key(channel) for channel in channels)]
+        reply = await self._script(HISTORY_SCRIPT, keys, [after, limit, max_bytes])
+        if not reply:
+            return []
+        if reply[0] == 1:
+            return OVER_BUDGET
+        if reply[0] == 2:
+            return [ChannelHistory([], trimmed=True)]
+        return [
+            ChannelHistory(
+                [_history_entry(channel, entry_id, fields) for entry_id, fields in entries],
+                trimmed=False,
+            )
+            for channel, entries in zip(channels, reply[1:], strict=True)
+        ]
+
+    async def publish(self, channel: str, payload: bytes) -> EventId:
+        return await self._sequenced(channel, payload)
+
+    async def grant(self, user_id: str, channels: list[str], notice: bytes) -> EventId:
+        await self._change_set("SADD", user_id, channels)
+        return await self._sequenced(user_channel(user_id), notice)
+
+    async def revoke(self, user_id: str, channels: list[str], notice: bytes) -> EventId:
+        await self._change_set("SREM", user_id, channels)
+        return await self._sequenced(user_channel(user_id), notice)
+
+    async def _change_set(self, verb: str, user_id: str, channels: list[str]) -> None:
+        # The set is in its own slot: changed first, then announced (as the seed's
+        # contract does it), never announced before it changed.
+        key = channels_key(user_id)
+        try:
+            await self._routed(key, (verb, key, *channels))
+        except ReplyError as exc:
+            raise BrokerUnavailable(f"redis refused a command: {exc}") from None
+
+    async def _sequenced(self, channel: str, payload: bytes) -> EventId:
+        keys, args = publish_call(
+            channel, payload, self._history_size, self._history_max_age, new_epoch(),
+            layout=LAYOUT,
+        )  # fmt: skip
+        epoch, seq, time = await self._script(LAYOUT.publish_script, keys, args)
+        return EventId(epoch.decode(), int(seq), int(time))

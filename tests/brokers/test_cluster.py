@@ -1,0 +1,311 @@
+"""Redis Cluster: sharded pub/sub across primaries, exact resume, and a cluster that changes.
+
+Real topologies on free ports (three primaries, each with a replica), started with the
+server binary the suite already uses and joined by its cli's ``--cluster create``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from sisyphus.brokers.lua import CLUSTER_LAYOUT
+from sisyphus.client import AsyncRedisPublisher, RedisPublisher
+from sisyphus.config import Settings
+from sisyphus.server.app import Service
+from tests.faults.test_broker_faults import readiness, wait_ready
+from tests.support.redis_cluster import ClusterTopology, server_binaries
+from tests.support.sse_client import SseClient, status
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module", params=server_binaries())
+def cluster(request: pytest.FixtureRequest) -> Iterator[ClusterTopology]:
+    """Three primaries with a replica each, on every server binary found (Redis 7.0 and
+    Valkey 8 differ after a failover)."""
+    with ClusterTopology(primaries=3, replicas=1, binary=request.param) as topology:
+        yield topology
+
+
+@pytest.fixture
+def clean(cluster: ClusterTopology) -> ClusterTopology:
+    for port in cluster.primary_ports():
+        cluster.command(port, "FLUSHALL")
+    return cluster
+
+
+def settings(url: str, **overrides: object) -> Settings:
+    return Settings(port=0, redis_url=url, broker_timeout=1.0, broker_ping_interval=0.2,
+                    keepalive=0.3).replace(**overrides)  # fmt: skip
+
+
+@pytest.fixture
+async def service(clean: ClusterTopology) -> AsyncIterator[Service]:
+    started = Service(settings(clean.url))
+    await started.start()
+    await wait_ready(started)
+    yield started
+    await started.stop()
+
+
+def channel_on(cluster: ClusterTopology, port: int, stem: str = "room") -> str:
+    """A channel whose plain shard channel lives on the primary at ``port``."""
+    for number in range(10_000):
+        name = f"{stem}:{number}"
+        if cluster.primary_for_slot(cluster.slot_of(name)) == port:
+            return name
+    raise AssertionError(f"no channel found on port {port}")
+
+
+def sequence_primary(cluster: ClusterTopology) -> int:
+    return cluster.primary_for_slot(cluster.slot_of(CLUSTER_LAYOUT.sequence_key))
+
+
+async def connect_ok(service: Service, user: str, last_id: str | None = None) -> SseClient:
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    client = await SseClient.open(service.port, f"user={user}", headers=headers)
+    event = await client.expect()
+    assert event.data == status("ok"), event
+    return client
+
+
+async def closed_with_error(client: SseClient) -> None:
+    events = [e for e in await client.until_closed(timeout=15) if not e.is_noop]
+    assert [e.data for e in events][-1:] == [status("error")], events
+    assert events[-1].retry is not None
+
+
+async def test_channels_on_every_shard_are_heard_and_resume_is_exact(
+    clean: ClusterTopology, service: Service
+) -> None:
+    channels = [channel_on(clean, port) for port in clean.primary_ports()]
+    assert len({clean.primary_for_slot(clean.slot_of(c)) for c in channels}) == 3
+    await service.broker.grant("1", channels, b"granted")
+    client = await connect_ok(service, "1")
+    for channel in channels:
+        await service.broker.publish(channel, f"live {channel}".encode())
+    live = [await client.next_message() for _ in channels]
+    assert [m.data for m in live] == [f"live {c}" for c in channels]
+    # The main application's plain SPUBLISH, on the channel's own shard.
+    owner = clean.primary_for_slot(clean.slot_of(channels[1]))
+    clean.command(owner, "SPUBLISH", channels[1], "plain")
+    assert (await client.next_message()).data == "plain"
+    await client.close()
+    missed = [await service.broker.publish(c, f"missed {c}".encode()) for c in channels * 2]
+    client = await connect_ok(service, "1", live[-1].id)
+    resumed = [await client.next_message() for _ in missed]
+    assert [m.data for m in resumed] == [f"missed {c}" for c in channels * 2]
+    assert [m.id for m in resumed] == [i.encode().decode() for i in missed]
+    await service.broker.publish(channels[2], b"after")
+    assert (await client.next_message()).data == "after"
+
+
+async def test_the_seed_contract_on_a_cluster_sadd_then_spublish(
+    clean: ClusterTopology, service: Service
+) -> None:
+    """The main application changes a set and announces it with SPUBLISH user:<id>."""
+    first, second = (channel_on(clean, port) for port in clean.primary_ports()[:2])
+    rights_owner = clean.primary_for_slot(clean.slot_of("user:7:channels"))
+    notice_owner = clean.primary_for_slot(clean.slot_of("user:7"))
+    clean.command(rights_owner, "SADD", "user:7:channels", first)
+    client = await connect_ok(service, "7")
+    clean.command(rights_owner, "SADD", "user:7:channels", second)
+    clean.command(notice_owner, "SPUBLISH", "user:7", "granted")
+    assert (await client.next_message()).data == "granted"
+    await service.broker.publish(second, b"on the granted channel")
+    assert (await client.next_message()).data == "on the granted channel"
+    clean.command(rights_owner, "SREM", "user:7:channels", first)
+    clean.command(notice_owner, "SPUBLISH", "user:7", "revoked")
+    assert (await client.next_message()).data == "revoked"
+    await service.broker.publish(first, b"not for user 7 any more")
+    await service.broker.publish(second, b"still for user 7")
+    assert (await client.next_message()).data == "still for user 7"
+
+
+async def test_the_python_publishers_speak_the_cluster_url(
+    clean: ClusterTopology, service: Service
+) -> None:
+    channels = [channel_on(clean, port, "news") for port in clean.primary_ports()]
+    publisher = RedisPublisher(clean.url)
+    try:
+        await asyncio.to_thread(publisher.grant, "3", channels[:2])
+        start = await asyncio.to_thread(publisher.position)
+        client = await connect_ok(service, "3", start)
+        ids = [await asyncio.to_thread(publisher.publish, c, f"sync {c}") for c in channels[:2]]
+        got = [await client.next_message() for _ in ids]
+        sent = list(zip(channels[:2], ids, strict=True))
+        assert [(m.data, m.id) for m in got] == [(f"sync {c}", i) for c, i in sent]
+        await asyncio.to_thread(publisher.revoke, "3", channels[:1])
+        assert "revoked" in (await client.next_message()).data
+    finally:
+        publisher.close()
+    async with AsyncRedisPublisher(clean.url) as async_publisher:
+        await async_publisher.grant("3", channels[2:])
+        assert "granted" in (await client.next_message()).data
+        sent = await async_publisher.publish(channels[2], "async")
+        message = await client.next_message()
+        assert (message.data, message.id) == ("async", sent)
+
+
+async def publish_steadily(service: Service, channel: str, stop: asyncio.Event) -> list[str]:
+    """Publish every 10 ms until ``stop``; the payloads the broker acknowledged."""
+    acknowledged = []
+    number = 0
+    while not stop.is_set():
+        number += 1
+        with contextlib.suppress(Exception):  # a refusal mid-migration: that one is not sent
+            await service.broker.publish(channel, f"m{number}".encode())
+            acknowledged.append(f"m{number}")
+        await asyncio.sleep(0.01)
+    return acknowledged
+
+
+async def every_message_once(
+    service: Service, client: SseClient, user: str, acknowledged: list[str]
+) -> None:
+    """Reading on, and resuming by id whenever the stream ends, the client gets each
+    acknowledged message exactly once, in order."""
+    got: list[str] = []
+    last_id = None
+    while not got or got[-1] != acknowledged[-1]:
+        event = await client.next_event(timeout=15)
+        if event is None:
+            await wait_ready(service)
+            client = await connect_ok(service, user, last_id)
+            continue
+        if event.is_noop or event.data.startswith("<message>"):
+            if event.data == status("error"):
+                assert event.retry is not None
+            continue
+        got.append(event.data)
+        last_id = event.id
+    assert got == acknowledged
+
+
+async def test_a_channel_follows_its_slot_to_another_primary(
+    clean: ClusterTopology, service: Service
+) -> None:
+    source, target = clean.primary_ports()[:2]
+    channel = channel_on(clean, source, "moving")
+    await service.broker.grant("5", [channel], b"granted")
+    client = await connect_ok(service, "5")
+    stop = asyncio.Event()
+    publishing = asyncio.create_task(publish_steadily(service, channel, stop))
+    await asyncio.sleep(0.2)
+    await asyncio.to_thread(clean.migrate_slot, clean.slot_of(channel), target)
+    await asyncio.sleep(0.5)
+    await wait_ready(service)
+    stop.set()
+    acknowledged = await publishing
+    await every_message_once(service, client, "5", acknowledged)
+    assert service.broker.reconnects == 1  # the move was noticed, not slept through
+    # The main application's SPUBLISH now goes to the new primary, and is heard there.
+    client = await connect_ok(service, "5")
+    await wait_ready(service)
+    clean.command(target, "SPUBLISH", channel, "plain, after the move")
+    assert (await client.next_message()).data == "plain, after the move"
+
+
+async def test_the_sequence_slot_migrates_while_messages_flow(
+    clean: ClusterTopology, service: Service
+) -> None:
+    source = sequence_primary(clean)
+    target = next(port for port in clean.primary_ports() if port != source)
+    channel = channel_on(clean, target, "steady")
+    await service.broker.grant("6", [channel], b"granted")
+    client = await connect_ok(service, "6")
+    stop = asyncio.Event()
+    publishing = asyncio.create_task(publish_steadily(service, channel, stop))
+    await asyncio.sleep(0.2)
+    await asyncio.to_thread(clean.migrate_slot, clean.slot_of(CLUSTER_LAYOUT.sequence_key), target)
+    await asyncio.sleep(0.5)
+    stop.set()
+    acknowledged = await publishing
+    assert len(acknowledged) > 20
+    await every_message_once(service, client, "6", acknowledged)
+    await wait_ready(service)
+    assert service.broker.reconnects == 1
+
+
+async def test_a_primary_failover_is_followed_and_readiness_tells_the_truth(
+    clean: ClusterTopology, service: Service
+) -> None:
+    primary = sequence_primary(clean)
+    channel = channel_on(clean, primary, "failing")
+    await service.broker.grant("8", [channel], b"granted")
+    client = await connect_ok(service, "8")
+    before = await service.broker.publish(channel, b"before")
+    assert (await client.next_message()).data == "before"
+    answers: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            answers.append(await readiness(service))
+            await asyncio.sleep(0.02)
+
+    watching = asyncio.create_task(watch())
+    promoted = await asyncio.to_thread(clean.failover, primary)
+    await closed_with_error(client)
+    await wait_ready(service)
+    watching.cancel()
+    # Not ready from the failover until the links are confirmed on the promoted primary.
+    assert 503 in answers and await readiness(service) == 200
+    assert sequence_primary(clean) == promoted
+    after = await service.broker.publish(channel, b"after the failover")
+    client = await connect_ok(service, "8", before.encode().decode())
+    message = await client.next_message()
+    assert (message.data, message.id) == ("after the failover", after.encode().decode())
+    owner = clean.primary_for_slot(clean.slot_of(channel))
+    clean.command(owner, "SPUBLISH", channel, "plain on the promoted primary")
+    assert (await client.next_message()).data == "plain on the promoted primary"
+
+
+async def test_a_frozen_primary_ends_the_streams_and_the_thaw_brings_them_back(
+    clean: ClusterTopology, service: Service
+) -> None:
+    """A primary that keeps its connections but answers nothing (SIGSTOP) is found by
+    the links' own timeout, not by waiting for a message."""
+    port = next(p for p in clean.primary_ports() if p != sequence_primary(clean))
+    channel = channel_on(clean, port, "frozen")
+    await service.broker.grant("9", [channel], b"granted")
+    client = await connect_ok(service, "9")
+    os.kill(clean.pid(port), signal.SIGSTOP)
+    try:
+        await closed_with_error(client)
+        assert await readiness(service) == 503
+    finally:
+        os.kill(clean.pid(port), signal.SIGCONT)
+    await wait_ready(service)
+    client = await connect_ok(service, "9")
+    await wait_ready(service)
+    await service.broker.publish(channel, b"after the thaw")
+    assert (await client.next_message()).data == "after the thaw"
+
+
+async def test_a_wrong_password_is_said_and_never_ready() -> None:
+    with ClusterTopology(primaries=3, replicas=0, password="right") as secured:
+        wrong = secured.url.replace(":right@", ":wrong@")
+        refused = Service(settings(wrong))
+        await refused.start()
+        try:
+            await asyncio.sleep(1.0)
+            assert await readiness(refused) == 503
+            assert not refused.broker.connected
+        finally:
+            await refused.stop()
+        accepted = Service(settings(secured.url))
+        await accepted.start()
+        try:
+            await wait_ready(accepted)
+            await accepted.broker.grant("1", ["room:1"], b"granted")
+            client = await connect_ok(accepted, "1")
+            await accepted.broker.publish("room:1", b"with the right password")
+            assert (await client.next_message()).data == "with the right password"
+        finally:
+            await accepted.stop()
