@@ -28,9 +28,11 @@ from collections import Counter
 from functools import partial
 from typing import Any
 
+import redis
 import uvloop
 import wire
 from clients import HttpPipe, Pipe, RespPipe, Shard, SseStream, open_pipe
+from redis.crc import key_slot
 
 Command = dict[str, Any]
 MIN_SLEEP = 0.001
@@ -40,6 +42,19 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     return f"{type(exc).__name__}: {exc}"[:120]
+
+
+def cluster_owners(host: str, port: int) -> list[int]:
+    """Slot -> the port of the primary serving it, as CLUSTER SLOTS says."""
+    client = redis.Redis(host=host, port=port, protocol=2)
+    try:
+        reply = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+    owners = [0] * 16384
+    for start, end, primary, *_ in reply:
+        owners[start : end + 1] = [int(primary[1])] * (end - start + 1)
+    return owners
 
 
 class Worker:
@@ -163,10 +178,22 @@ class Worker:
     async def publish(self, cmd: Command) -> Command:
         mode = cmd["mode"]
         build = wire.PUBLISH_FORMATS[mode]
-        kind: type[Pipe] = RespPipe if mode == "redis" else HttpPipe
-        pipes = [await open_pipe(kind, cmd["host"], cmd["port"]) for _ in range(cmd["conns"])]
+        kind: type[Pipe] = RespPipe if mode.startswith("redis") else HttpPipe
         window, rate, step, size = cmd["window"], cmd["rate"], cmd["step"], cmd["payload_bytes"]
         channels = [cmd["channel_fmt"].format(i=i) for i in range(cmd["channels"])]
+        if mode == "redis-cluster":
+            # One set of pipes per primary; each channel goes to the one serving its slot.
+            owners = cluster_owners(cmd["host"], cmd["port"])
+            by_node = {
+                port: [await open_pipe(kind, cmd["host"], port) for _ in range(cmd["conns"])]
+                for port in sorted(set(owners))
+            }
+            pipes = [pipe for group in by_node.values() for pipe in group]
+            routes = [by_node[owners[key_slot(channel.encode())]] for channel in channels]
+        else:
+            pipes = [await open_pipe(kind, cmd["host"], cmd["port"]) for _ in range(cmd["conns"])]
+            routes = [pipes] * len(channels)
+        drawn: int | None = None  # a channel drawn while its pipes were full: sent next
         total = max(1, round(rate * cmd["seconds"]))
         rng = random.Random(cmd.get("seed", step))  # noqa: S311 (load pattern, not a secret)
         acked = [0] * len(channels)
@@ -199,15 +226,19 @@ class Worker:
             due_count = min(total, int((now - t0) / interval) + 1) if now >= t0 else 0
             blocked = False
             while sent < due_count:
-                for _ in range(len(pipes)):
-                    pipe = pipes[turn % len(pipes)]
+                if drawn is None:
+                    drawn = rng.randrange(len(channels)) if len(channels) > 1 else 0
+                channel = drawn
+                route = routes[channel]
+                for _ in range(len(route)):
+                    pipe = route[turn % len(route)]
                     turn += 1
                     if len(pipe.pending) < window:
                         break
                 else:
                     blocked = True
                     break
-                channel = rng.randrange(len(channels)) if len(channels) > 1 else 0
+                drawn = None
                 due = t0 + int(sent * interval)
                 send_lag_max = max(send_lag_max, now - due)
                 pipe.queue(

@@ -1,7 +1,7 @@
 """Benchmark Sisyphus against Nchan: one command, same scenarios, same client.
 
     .venv/bin/python bench/run.py [--quick] [--only S1,S2,S3,S4,S5]
-        [--targets sisyphus,nchan,sisyphus-redis,sisyphus-redis-w2,nchan-redis]
+        [--targets sisyphus,nchan,sisyphus-redis,sisyphus-redis-w2,sisyphus-cluster,nchan-redis]
 
 Every figure has a flag; --quick picks small sizes and short steps (the whole suite in
 about three minutes) and explicit flags override it. Writes bench/results/bench-<time>.json

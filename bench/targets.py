@@ -440,6 +440,76 @@ class NchanRedis(OnValkey, Nchan):
         return "      nchan_use_redis on;\n"
 
 
+class PrivateCluster:
+    """A three-primary Redis Cluster of a target's own (the suite's topology helper), every
+    node pinned to the Redis core, so the shards share what one Valkey had."""
+
+    def __init__(self, cpu: int) -> None:
+        self.cpu = cpu
+        self.topology: Any = None
+        self.max_pubsub = 0
+
+    @property
+    def url(self) -> str:
+        return str(self.topology.url)
+
+    @property
+    def first_port(self) -> int:
+        return int(self.topology.primary_ports()[0])
+
+    def start(self) -> None:
+        sys.path.insert(0, str(Path(__file__).parent.parent))
+        from tests.support.redis_cluster import ClusterTopology
+
+        self.topology = ClusterTopology(primaries=3, binary=valkey_binary())
+        self.topology.start()
+        for pid in self.pids():
+            taskset = [shutil.which("taskset") or "taskset", "-a", "-pc", str(self.cpu)]
+            subprocess.run([*taskset, str(pid)], check=True, capture_output=True)
+        self.max_pubsub = 0
+
+    def stop(self) -> None:
+        if self.topology is not None:
+            self.topology.close()
+            self.topology = None
+
+    def pids(self) -> list[int]:
+        if self.topology is None:
+            return []
+        return [int(self.topology.pid(port)) for port in self.topology.alive_ports]
+
+    def pubsub_connections(self) -> int:
+        """Connections holding shard subscriptions, summed over the primaries."""
+        count = 0
+        for port in self.topology.primary_ports():
+            listing = self.topology.client(port).client_list()
+            count += sum(1 for c in listing if int(c.get("ssub", 0)))
+        self.max_pubsub = max(self.max_pubsub, count)
+        return count
+
+
+class SisyphusCluster(OnValkey, Sisyphus):
+    """Sisyphus on a private three-primary cluster; messages go in by plain SPUBLISH,
+    each to the primary serving its channel."""
+
+    name = "sisyphus-cluster"
+    publish_mode = "redis-cluster"
+    valkey: Any
+
+    def __init__(self, cpu: int, keepalive: float, redis_cpu: int) -> None:
+        super().__init__(cpu, keepalive)
+        self.valkey = PrivateCluster(redis_cpu)
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--redis", self.valkey.url]
+
+    def extra(self) -> dict[str, Any]:
+        return {"redis_pubsub_conns": self.valkey.pubsub_connections()}
+
+    def publisher(self) -> dict[str, Any]:
+        return {"mode": "redis-cluster", "host": "127.0.0.1", "port": self.valkey.first_port}
+
+
 def make_targets(
     names: list[str],
     cpu: int,
@@ -460,9 +530,11 @@ def make_targets(
             made.append(SisyphusRedisWorkers(cpu, keepalive, redis_cpu))
         elif name == "nchan-redis":
             made.append(NchanRedis(cpu, keepalive, redis_cpu, nchan_buffer, nchan_connections))
+        elif name == "sisyphus-cluster":
+            made.append(SisyphusCluster(cpu, keepalive, redis_cpu))
         else:
             raise SystemExit(
                 f"unknown target {name!r}: sisyphus, nchan, sisyphus-redis, "
-                "sisyphus-redis-w2 or nchan-redis"
+                "sisyphus-redis-w2, sisyphus-cluster or nchan-redis"
             )
     return made

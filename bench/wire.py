@@ -113,8 +113,14 @@ def redis_publish(channel: str, data: bytes) -> bytes:
     return resp_command(b"PUBLISH", channel.encode(), data)
 
 
+def redis_cluster_publish(channel: str, data: bytes) -> bytes:
+    # The cluster form of PUBLISH: sent to the primary serving the channel's slot.
+    return resp_command(b"SPUBLISH", channel.encode(), data)
+
+
 PUBLISH_FORMATS = {
     "sisyphus": sisyphus_publish,
     "nchan": nchan_publish,
     "redis": redis_publish,
+    "redis-cluster": redis_cluster_publish,
 }

@@ -21,6 +21,7 @@ from sisyphus.server.app import Service
 from tests.faults.test_broker_faults import readiness, wait_ready
 from tests.support.redis_cluster import ClusterTopology, server_binaries
 from tests.support.sse_client import SseClient, status
+from tests.test_cli import run_cli, start_serve, stop_serve
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -309,3 +310,21 @@ async def test_a_wrong_password_is_said_and_never_ready() -> None:
             assert (await client.next_message()).data == "with the right password"
         finally:
             await accepted.stop()
+
+
+async def test_the_command_line_serves_and_publishes_on_a_cluster(clean: ClusterTopology) -> None:
+    """`serve --redis redis+cluster://...` follows what `sisyphus grant|publish --redis` write."""
+    served = await start_serve("--redis", clean.url)
+    try:
+        granted = await run_cli("grant", "4", "room:4", "--redis", clean.url)
+        assert granted.returncode == 0, granted.stderr
+        owner = clean.primary_for_slot(clean.slot_of("user:4:channels"))
+        assert clean.command(owner, "SMEMBERS", "user:4:channels") == {b"room:4"}
+        client = await SseClient.open(served.port, "user=4")
+        assert (await client.expect()).data == status("ok")
+        published = await run_cli("publish", "room:4", "via the cluster", "--redis", clean.url)
+        assert published.returncode == 0, published.stderr
+        message = await client.next_message()
+        assert (message.data, message.id) == ("via the cluster", published.stdout.strip())
+    finally:
+        await stop_serve(served)
