@@ -14,6 +14,7 @@ import redis
 
 from sisyphus.config import Settings
 from sisyphus.server.app import Service
+from tests.support.redis_cluster import ClusterTopology
 from tests.support.redis_server import RedisServer
 from tests.support.sse_client import OPEN_CLIENTS
 
@@ -37,6 +38,13 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[ClusterTopology]:
+    """A private three-primary Redis Cluster for the whole run, started on first use."""
+    with ClusterTopology(primaries=3) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -68,6 +76,11 @@ async def make_service(
         server: RedisServer = request.getfixturevalue("redis_server")
         redis.Redis.from_url(server.url).flushall()
         redis_url = server.url
+    elif broker_kind == "cluster":  # only where a test asks for it (parametrize broker_kind)
+        cluster: ClusterTopology = request.getfixturevalue("redis_cluster")
+        for port in cluster.primary_ports():
+            cluster.command(port, "FLUSHALL")
+        redis_url = cluster.url
 
     async def make(**overrides: Any) -> Service:
         extra = {"wall_clock": overrides.pop("wall_clock")} if "wall_clock" in overrides else {}

@@ -39,7 +39,7 @@ async def test_async_helper_grants_publishes_and_revokes(
     await publisher.publish("room:1", b"bytes too")
     assert (await client.next_message()).data == "bytes too"
     now = parse_event_id(await publisher.position())
-    assert parse_event_id(granted).seq < parse_event_id(published).seq <= now.seq
+    assert parse_event_id(granted).seqs < parse_event_id(published).seqs <= now.seqs
     await publisher.revoke("5", ["room:1", "room:2"])
     events = [e.data for e in await client.until_closed() if not e.is_noop]
     assert events[-1] == status("disconnected")

@@ -39,14 +39,23 @@ import redis.cluster
 import redis.sentinel
 
 from sisyphus import config
-from sisyphus.brokers.lua import CLUSTER_LAYOUT, SINGLE_LAYOUT, KeyLayout, publish_call
+from sisyphus.brokers import groups
+from sisyphus.brokers.lua import (
+    CLUSTER_PUBLISH_SCRIPT,
+    POSITION_SCRIPT,
+    PUBLISH_SCRIPT,
+    SINGLE_LAYOUT,
+    KeyLayout,
+    publish_call,
+)
 from sisyphus.brokers.memory import new_epoch
+from sisyphus.brokers.slots import SlotMap
 from sisyphus.brokers.topology import parse_broker_url
 from sisyphus.errors import ConfigError
 from sisyphus.protocol.auth import mint_token
 from sisyphus.protocol.names import InvalidName, channels_key, check_channel, check_user_id
 from sisyphus.protocol.names import user_channel as _user_channel
-from sisyphus.protocol.resume import EventId
+from sisyphus.protocol.resume import EventId, channel_group, history_name
 from sisyphus.protocol.rights import rights_notice
 
 if TYPE_CHECKING:
@@ -189,8 +198,39 @@ class HttpPublisher:
         return self._post("/api/position", None)
 
 
-def _layout(url: str) -> KeyLayout:
-    return CLUSTER_LAYOUT if parse_broker_url(url).uses_cluster else SINGLE_LAYOUT
+def _layouts(url: str) -> list[KeyLayout]:
+    """One Redis: its one layout. A Cluster: none until its groups are read."""
+    return [] if parse_broker_url(url).uses_cluster else [SINGLE_LAYOUT]
+
+
+def _slot_map(slots: dict[tuple[int, int], dict[str, Any]]) -> SlotMap:
+    """redis-py's ``cluster_slots()`` answer as a slot map."""
+    ranges = []
+    for (start, end), served in slots.items():
+        host, port = served["primary"][:2]
+        ranges.append((int(start), int(end), (str(host), int(port))))
+    return SlotMap.from_ranges(ranges)
+
+
+def _stored_groups(stored: bytes | None) -> list[KeyLayout]:
+    if stored is None:
+        raise SisyphusClientError("redis: the cluster's sequence groups vanished while set")
+    try:
+        return groups.layouts(groups.parse(stored))
+    except groups.GroupsError as exc:
+        raise SisyphusClientError(f"redis: {exc}") from None
+
+
+def _position_call(layout: KeyLayout, history_max_age: float) -> tuple[list[str], list[str]]:
+    keys = [layout.epoch_key, layout.sequence_key, layout.timeline_key]
+    return keys, [new_epoch(), str(int(history_max_age))]
+
+
+def _grouped_id(answers: list[Any], moment: int) -> str:
+    """An id from each group's (epoch, seq, ...) answer, in group order."""
+    epochs = [answer[0].decode() for answer in answers]
+    seqs = tuple(int(answer[1]) for answer in answers)
+    return EventId(history_name(epochs), seqs, moment).encode().decode()
 
 
 def _connect_redis(url: str, timeout: float) -> redis.Redis:
@@ -282,11 +322,17 @@ class RedisPublisher:
     ) -> None:
         self._history_size, self._history_max_age = _retention(history_size, history_max_age)
         try:
-            self._layout = _layout(url)
+            self._layouts = _layouts(url)
             self._redis = _connect_redis(url, timeout)
         except (ValueError, redis.RedisError) as exc:
             raise SisyphusClientError(f"invalid Redis URL: {exc}") from None
-        self._script = self._redis.register_script(self._layout.publish_script)
+        self._single = bool(self._layouts)
+        body = PUBLISH_SCRIPT if self._single else CLUSTER_PUBLISH_SCRIPT
+        self._script = self._redis.register_script(body)
+        self._position_script = self._redis.register_script(POSITION_SCRIPT)
+        # On a Cluster: each group's latest (epoch, seq, ...) this publisher saw, for the
+        # other groups' part of a publish's id (behind the cluster's, never ahead).
+        self._known: dict[int, Any] = {}
 
     def publish(self, channel: str, data: str | bytes) -> str:
         return self._sequenced(_publish_message(channel, data))
@@ -298,8 +344,12 @@ class RedisPublisher:
         return self._sequenced(_rights_message("revoked", user_id, channels))
 
     def position(self) -> str:
-        layout = self._layout
         try:
+            if not self._single:
+                answers = [self._group_position(layout) for layout in self._groups()]
+                self._known.update(enumerate(answers))
+                return _grouped_id(answers, int(time.time()))
+            layout = SINGLE_LAYOUT
             with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(layout.epoch_key, new_epoch(), nx=True)
                 pipe.get(layout.epoch_key)
@@ -309,17 +359,41 @@ class RedisPublisher:
             raise SisyphusClientError(f"redis: {exc}") from None
         return _now_id(epoch, seq)
 
+    def _groups(self) -> list[KeyLayout]:
+        """The cluster's sequence groups (chosen here if nobody did yet), read once."""
+        if not self._layouts:
+            cluster: Any = self._redis
+            stored = cluster.get(groups.GROUPS_KEY)
+            if stored is None:
+                tags = groups.initial_tags(_slot_map(cluster.cluster_slots()))
+                cluster.set(groups.GROUPS_KEY, groups.encode(tags), nx=True)
+                stored = cluster.get(groups.GROUPS_KEY)
+            self._layouts = _stored_groups(stored)
+        return self._layouts
+
+    def _group_position(self, layout: KeyLayout) -> Any:
+        keys, args = _position_call(layout, self._history_max_age)
+        return self._position_script(keys=keys, args=args)
+
     def _sequenced(self, message: _Message) -> str:
-        keys, args, change = _script_call(message, self._layout, self._history_size,
-                                          self._history_max_age)  # fmt: skip
         try:
+            layouts = self._groups()
+            group = channel_group(message[0], len(layouts))
+            keys, args, change = _script_call(message, layouts[group], self._history_size,
+                                              self._history_max_age)  # fmt: skip
             if change is not None:
                 verb, key, channels = change
                 (self._redis.sadd if verb == "SADD" else self._redis.srem)(key, *channels)
             answer = self._script(keys=keys, args=args)
+            if self._single:
+                return _script_id(answer)
+            self._known[group] = answer
+            for other, layout in enumerate(layouts):
+                if other not in self._known:
+                    self._known[other] = self._group_position(layout)
         except redis.RedisError as exc:
             raise SisyphusClientError(f"redis: {exc}") from None
-        return _script_id(answer)
+        return _grouped_id([self._known[g] for g in range(len(layouts))], int(answer[2]))
 
     def close(self) -> None:
         self._redis.close()
@@ -336,7 +410,7 @@ def _script_call(
     before it (the set is in another slot than the script's keys)."""
     channel, payload, rights = message
     change = None
-    if rights is not None and layout is CLUSTER_LAYOUT:
+    if rights is not None and layout is not SINGLE_LAYOUT:
         verb, user_id, channels = rights
         change, rights = (verb, channels_key(user_id), channels), None
     keys, args = publish_call(channel, payload, history_size, history_max_age, new_epoch(),
@@ -374,11 +448,11 @@ def _rights_message(change: str, user_id: str, channels: Iterable[str]) -> _Mess
 
 def _script_id(answer: Any) -> str:
     epoch, seq, moment = answer
-    return EventId(epoch.decode(), int(seq), int(moment)).encode().decode()
+    return EventId(epoch.decode(), (int(seq),), int(moment)).encode().decode()
 
 
 def _now_id(epoch: bytes, seq: bytes | None) -> str:
-    return EventId(epoch.decode(), int(seq or 0), int(time.time())).encode().decode()
+    return EventId(epoch.decode(), (int(seq or 0),), int(time.time())).encode().decode()
 
 
 class _AsyncClosing:
@@ -469,11 +543,17 @@ class AsyncRedisPublisher(_AsyncClosing):
     ) -> None:
         self._history_size, self._history_max_age = _retention(history_size, history_max_age)
         try:
-            self._layout = _layout(url)
+            self._layouts = _layouts(url)
             self._redis, self._sentinels = _connect_async_redis(url, timeout)
         except (ValueError, redis.RedisError) as exc:
             raise SisyphusClientError(f"invalid Redis URL: {exc}") from None
-        self._script = self._redis.register_script(self._layout.publish_script)
+        self._single = bool(self._layouts)
+        body = PUBLISH_SCRIPT if self._single else CLUSTER_PUBLISH_SCRIPT
+        self._script = self._redis.register_script(body)
+        self._position_script = self._redis.register_script(POSITION_SCRIPT)
+        # On a Cluster: each group's latest (epoch, seq, ...) this publisher saw, for the
+        # other groups' part of a publish's id (behind the cluster's, never ahead).
+        self._known: dict[int, Any] = {}
 
     async def publish(self, channel: str, data: str | bytes) -> str:
         return await self._sequenced(_publish_message(channel, data))
@@ -485,8 +565,13 @@ class AsyncRedisPublisher(_AsyncClosing):
         return await self._sequenced(_rights_message("revoked", user_id, channels))
 
     async def position(self) -> str:
-        layout = self._layout
         try:
+            if not self._single:
+                layouts = await self._groups()
+                answers = [await self._group_position(layout) for layout in layouts]
+                self._known.update(enumerate(answers))
+                return _grouped_id(answers, int(time.time()))
+            layout = SINGLE_LAYOUT
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(layout.epoch_key, new_epoch(), nx=True)
                 pipe.get(layout.epoch_key)
@@ -496,17 +581,41 @@ class AsyncRedisPublisher(_AsyncClosing):
             raise SisyphusClientError(f"redis: {exc}") from None
         return _now_id(epoch, seq)
 
+    async def _groups(self) -> list[KeyLayout]:
+        """As :meth:`RedisPublisher._groups`."""
+        if not self._layouts:
+            cluster: Any = self._redis
+            stored = await cluster.get(groups.GROUPS_KEY)
+            if stored is None:
+                tags = groups.initial_tags(_slot_map(await cluster.cluster_slots()))
+                await cluster.set(groups.GROUPS_KEY, groups.encode(tags), nx=True)
+                stored = await cluster.get(groups.GROUPS_KEY)
+            self._layouts = _stored_groups(stored)
+        return self._layouts
+
+    async def _group_position(self, layout: KeyLayout) -> Any:
+        keys, args = _position_call(layout, self._history_max_age)
+        return await self._position_script(keys=keys, args=args)
+
     async def _sequenced(self, message: _Message) -> str:
-        keys, args, change = _script_call(message, self._layout, self._history_size,
-                                          self._history_max_age)  # fmt: skip
         try:
+            layouts = await self._groups()
+            group = channel_group(message[0], len(layouts))
+            keys, args, change = _script_call(message, layouts[group], self._history_size,
+                                              self._history_max_age)  # fmt: skip
             if change is not None:
                 verb, key, channels = change
                 await (self._redis.sadd if verb == "SADD" else self._redis.srem)(key, *channels)
             answer = await self._script(keys=keys, args=args)
+            if self._single:
+                return _script_id(answer)
+            self._known[group] = answer
+            for other, layout in enumerate(layouts):
+                if other not in self._known:
+                    self._known[other] = await self._group_position(layout)
         except (redis.RedisError, OSError) as exc:
             raise SisyphusClientError(f"redis: {exc}") from None
-        return _script_id(answer)
+        return _grouped_id([self._known[g] for g in range(len(layouts))], int(answer[2]))
 
     async def aclose(self) -> None:
         await self._redis.aclose()

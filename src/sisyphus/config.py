@@ -403,7 +403,7 @@ class Settings:
         "SECONDS",
     )
     max_last_event_id_bytes: int = _setting(
-        128, _positive_int, "longest Last-Event-ID accepted (400 beyond)", "BYTES"
+        512, _positive_int, "longest Last-Event-ID accepted (400 beyond)", "BYTES"
     )
     max_head_bytes: int = _setting(
         8192, _positive_int, "largest request line plus headers", "BYTES"

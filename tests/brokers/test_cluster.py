@@ -1,22 +1,26 @@
-"""Redis Cluster: sharded pub/sub across primaries, exact resume, and a cluster that changes.
+"""Redis Cluster: sharded pub/sub across primaries, sequences spread over them, exact
+resume across groups, and a cluster that changes.
 
 Real topologies on free ports (three primaries, each with a replica), started with the
-server binary the suite already uses and joined by its cli's ``--cluster create``.
+server binaries the suite uses and joined by their cli's ``--cluster create``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from sisyphus.brokers.lua import CLUSTER_LAYOUT
+from sisyphus.brokers.groups import GROUPS_KEY, layouts, parse
+from sisyphus.brokers.lua import KeyLayout
 from sisyphus.client import AsyncRedisPublisher, RedisPublisher
 from sisyphus.config import Settings
+from sisyphus.protocol.resume import at_or_before, channel_group, parse_event_id
 from sisyphus.server.app import Service
 from tests.faults.test_broker_faults import readiness, wait_ready
 from tests.support.redis_cluster import ClusterTopology, server_binaries
@@ -55,17 +59,37 @@ async def service(clean: ClusterTopology) -> AsyncIterator[Service]:
     await started.stop()
 
 
-def channel_on(cluster: ClusterTopology, port: int, stem: str = "room") -> str:
-    """A channel whose plain shard channel lives on the primary at ``port``."""
+def channel_on(
+    cluster: ClusterTopology, port: int, stem: str = "room", group: int | None = None
+) -> str:
+    """A channel whose plain shard channel lives on the primary at ``port`` (and, if
+    given, whose messages take sequence group ``group``)."""
     for number in range(10_000):
         name = f"{stem}:{number}"
-        if cluster.primary_for_slot(cluster.slot_of(name)) == port:
+        if cluster.primary_for_slot(cluster.slot_of(name)) != port:
+            continue
+        if group is None or channel_group(name, 3) == group:
             return name
     raise AssertionError(f"no channel found on port {port}")
 
 
-def sequence_primary(cluster: ClusterTopology) -> int:
-    return cluster.primary_for_slot(cluster.slot_of(CLUSTER_LAYOUT.sequence_key))
+def groups_of(cluster: ClusterTopology) -> list[KeyLayout]:
+    """The sequence groups the cluster holds (a service or publisher chose them)."""
+    owner = cluster.primary_for_slot(cluster.slot_of(GROUPS_KEY))
+    return layouts(parse(cluster.command(owner, "GET", GROUPS_KEY)))
+
+
+def group_primary(cluster: ClusterTopology, channel: str) -> int:
+    """The primary that serves the sequence group of ``channel``."""
+    found = groups_of(cluster)
+    layout = found[channel_group(channel, len(found))]
+    return cluster.primary_for_slot(cluster.slot_of(layout.sequence_key))
+
+
+def own_seq(event_id: str, channel: str) -> int:
+    """The seq an id holds for ``channel``'s group (the message's own, on its event)."""
+    seqs = parse_event_id(event_id).seqs
+    return seqs[channel_group(channel, len(seqs))]
 
 
 async def connect_ok(service: Service, user: str, last_id: str | None = None) -> SseClient:
@@ -82,11 +106,26 @@ async def closed_with_error(client: SseClient) -> None:
     assert events[-1].retry is not None
 
 
-async def test_channels_on_every_shard_are_heard_and_resume_is_exact(
+async def test_the_sequences_are_spread_one_group_per_primary(
     clean: ClusterTopology, service: Service
 ) -> None:
-    channels = [channel_on(clean, port) for port in clean.primary_ports()]
-    assert len({clean.primary_for_slot(clean.slot_of(c)) for c in channels}) == 3
+    found = groups_of(clean)
+    assert len(found) == 3
+    owners = {clean.primary_for_slot(clean.slot_of(g.sequence_key)) for g in found}
+    assert owners == set(clean.primary_ports())
+    await service.broker.grant("2", ["room:1"], b"granted")
+    client = await connect_ok(service, "2")
+    assert client.last_event_id is not None
+    assert len(parse_event_id(client.last_event_id).seqs) == 3  # one seq per group
+
+
+async def test_channels_of_every_group_are_heard_and_resume_is_exact(
+    clean: ClusterTopology, service: Service
+) -> None:
+    """Channels on three shards and in three sequence groups: a client resuming from
+    any id it got gets exactly what came after it, once, each channel in order."""
+    primaries = clean.primary_ports()
+    channels = [channel_on(clean, primaries[g], group=g) for g in range(3)]
     await service.broker.grant("1", channels, b"granted")
     client = await connect_ok(service, "1")
     for channel in channels:
@@ -94,17 +133,30 @@ async def test_channels_on_every_shard_are_heard_and_resume_is_exact(
     live = [await client.next_message() for _ in channels]
     assert [m.data for m in live] == [f"live {c}" for c in channels]
     # The main application's plain SPUBLISH, on the channel's own shard.
-    owner = clean.primary_for_slot(clean.slot_of(channels[1]))
-    clean.command(owner, "SPUBLISH", channels[1], "plain")
+    clean.command(primaries[1], "SPUBLISH", channels[1], "plain")
     assert (await client.next_message()).data == "plain"
     await client.close()
-    missed = [await service.broker.publish(c, f"missed {c}".encode()) for c in channels * 2]
+    missed = [f"missed {n} {c}" for n in range(3) for c in channels]
+    for payload in missed:
+        await service.broker.publish(payload.split()[-1], payload.encode())
     client = await connect_ok(service, "1", live[-1].id)
     resumed = [await client.next_message() for _ in missed]
-    assert [m.data for m in resumed] == [f"missed {c}" for c in channels * 2]
-    assert [m.id for m in resumed] == [i.encode().decode() for i in missed]
-    await service.broker.publish(channels[2], b"after")
-    assert (await client.next_message()).data == "after"
+    assert sorted(m.data for m in resumed) == sorted(missed)
+    for channel in channels:  # each channel in publication order
+        mine = [m.data for m in resumed if m.data.endswith(channel)]
+        assert mine == [p for p in missed if p.endswith(channel)]
+    positions = [parse_event_id(m.id or "").seqs for m in [live[-1], *resumed]]
+    assert all(at_or_before(a, b) for a, b in itertools.pairwise(positions))
+    await client.close()
+    # From any id it got, exactly what came after it (the earlier rounds' markers too).
+    markers: list[str] = []
+    for index in (0, 3, 7):
+        client = await connect_ok(service, "1", resumed[index].id)
+        markers.append(f"marker {index}")
+        await service.broker.publish(channels[0], markers[-1].encode())
+        rest = await client.messages_until(markers[-1])
+        assert sorted(rest) == sorted([m.data for m in resumed[index + 1 :]] + markers)
+        await client.close()
 
 
 async def test_the_seed_contract_on_a_cluster_sadd_then_spublish(
@@ -141,7 +193,11 @@ async def test_the_python_publishers_speak_the_cluster_url(
         ids = [await asyncio.to_thread(publisher.publish, c, f"sync {c}") for c in channels[:2]]
         got = [await client.next_message() for _ in ids]
         sent = list(zip(channels[:2], ids, strict=True))
-        assert [(m.data, m.id) for m in got] == [(f"sync {c}", i) for c, i in sent]
+        assert [m.data for m in got] == [f"sync {c}" for c, _ in sent]
+        # The id the publisher got holds the message's own seq in its group.
+        assert [own_seq(m.id or "", c) for m, (c, _) in zip(got, sent, strict=True)] == [
+            own_seq(i, c) for c, i in sent
+        ]
         await asyncio.to_thread(publisher.revoke, "3", channels[:1])
         assert "revoked" in (await client.next_message()).data
     finally:
@@ -151,7 +207,8 @@ async def test_the_python_publishers_speak_the_cluster_url(
         assert "granted" in (await client.next_message()).data
         sent = await async_publisher.publish(channels[2], "async")
         message = await client.next_message()
-        assert (message.data, message.id) == ("async", sent)
+        assert message.data == "async"
+        assert own_seq(message.id or "", channels[2]) == own_seq(sent, channels[2])
 
 
 async def publish_steadily(service: Service, channel: str, stop: asyncio.Event) -> list[str]:
@@ -216,15 +273,17 @@ async def test_a_channel_follows_its_slot_to_another_primary(
 async def test_the_sequence_slot_migrates_while_messages_flow(
     clean: ClusterTopology, service: Service
 ) -> None:
-    source = sequence_primary(clean)
-    target = next(port for port in clean.primary_ports() if port != source)
-    channel = channel_on(clean, target, "steady")
+    target = clean.primary_ports()[0]
+    channel = channel_on(clean, target, "steady", group=1)
+    source = group_primary(clean, channel)
+    assert source != target
+    layout = groups_of(clean)[1]
     await service.broker.grant("6", [channel], b"granted")
     client = await connect_ok(service, "6")
     stop = asyncio.Event()
     publishing = asyncio.create_task(publish_steadily(service, channel, stop))
     await asyncio.sleep(0.2)
-    await asyncio.to_thread(clean.migrate_slot, clean.slot_of(CLUSTER_LAYOUT.sequence_key), target)
+    await asyncio.to_thread(clean.migrate_slot, clean.slot_of(layout.sequence_key), target)
     await asyncio.sleep(0.5)
     stop.set()
     acknowledged = await publishing
@@ -237,8 +296,9 @@ async def test_the_sequence_slot_migrates_while_messages_flow(
 async def test_a_primary_failover_is_followed_and_readiness_tells_the_truth(
     clean: ClusterTopology, service: Service
 ) -> None:
-    primary = sequence_primary(clean)
-    channel = channel_on(clean, primary, "failing")
+    primary = clean.primary_ports()[0]
+    channel = channel_on(clean, primary, "failing", group=0)
+    assert group_primary(clean, channel) == primary
     await service.broker.grant("8", [channel], b"granted")
     client = await connect_ok(service, "8")
     before = await service.broker.publish(channel, b"before")
@@ -257,11 +317,12 @@ async def test_a_primary_failover_is_followed_and_readiness_tells_the_truth(
     watching.cancel()
     # Not ready from the failover until the links are confirmed on the promoted primary.
     assert 503 in answers and await readiness(service) == 200
-    assert sequence_primary(clean) == promoted
+    assert group_primary(clean, channel) == promoted
     after = await service.broker.publish(channel, b"after the failover")
     client = await connect_ok(service, "8", before.encode().decode())
     message = await client.next_message()
-    assert (message.data, message.id) == ("after the failover", after.encode().decode())
+    assert message.data == "after the failover"
+    assert own_seq(message.id or "", channel) == own_seq(after.encode().decode(), channel)
     owner = clean.primary_for_slot(clean.slot_of(channel))
     clean.command(owner, "SPUBLISH", channel, "plain on the promoted primary")
     assert (await client.next_message()).data == "plain on the promoted primary"
@@ -272,7 +333,7 @@ async def test_a_frozen_primary_ends_the_streams_and_the_thaw_brings_them_back(
 ) -> None:
     """A primary that keeps its connections but answers nothing (SIGSTOP) is found by
     the links' own timeout, not by waiting for a message."""
-    port = next(p for p in clean.primary_ports() if p != sequence_primary(clean))
+    port = clean.primary_ports()[1]
     channel = channel_on(clean, port, "frozen")
     await service.broker.grant("9", [channel], b"granted")
     client = await connect_ok(service, "9")
@@ -325,6 +386,7 @@ async def test_the_command_line_serves_and_publishes_on_a_cluster(clean: Cluster
         published = await run_cli("publish", "room:4", "via the cluster", "--redis", clean.url)
         assert published.returncode == 0, published.stderr
         message = await client.next_message()
-        assert (message.data, message.id) == ("via the cluster", published.stdout.strip())
+        assert message.data == "via the cluster"
+        assert own_seq(message.id or "", "room:4") == own_seq(published.stdout.strip(), "room:4")
     finally:
         await stop_serve(served)

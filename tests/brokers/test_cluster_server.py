@@ -17,12 +17,13 @@ import pytest
 import redis
 from redis.client import PubSub
 
-from sisyphus.brokers.lua import CLUSTER_LAYOUT
+from sisyphus.brokers.groups import layouts
 from tests.support.redis_cluster import SLOTS, ClusterTopology, server_binaries
 
 # The sequence key and a channel's envelopes share the hash tag, so one slot.
-KEY = CLUSTER_LAYOUT.sequence_key
-CHANNEL = CLUSTER_LAYOUT.sequenced_channel("room:5")
+GROUP = layouts(["{sisyphus.0}"])[0]
+KEY = GROUP.sequence_key
+CHANNEL = GROUP.sequenced_channel("room:5")
 SCRIPT = "redis.call('INCR', KEYS[1]); return redis.call('SPUBLISH', ARGV[1], 'x')"
 
 

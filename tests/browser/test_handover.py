@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from sisyphus.protocol.resume import channel_group
 from sisyphus.server.app import Service
 from tests.browser.conftest import PageServer, wait_until
 from tests.browser.test_client import (
@@ -188,6 +189,60 @@ async def test_new_holder_replays_what_lagging_tabs_lack(
     await asyncio.sleep(0.5)
     for tab, texts in wanted.items():
         assert await messages(tab) == texts
+    await context.close()
+
+
+@pytest.mark.parametrize("broker_kind", ["cluster"])
+async def test_a_new_holder_replays_across_sequence_groups(
+    make_service: ServiceFactory, page_server: PageServer, browser: Any
+) -> None:
+    """On a Redis Cluster ids carry one seq per sequence group: channels of three groups,
+    tabs at different positions when the holder changes; each tab gets exactly what it
+    lacked, once, every channel in order (across groups the replay follows the clock)."""
+    service = await cors_service(make_service, page_server)
+    port = service.port
+    channels = [next(f"room:{n}" for n in range(99) if channel_group(f"room:{n}", 3) == g)
+                for g in range(3)]  # fmt: skip
+    await grant(port, "42", *channels)
+    context = await browser.new_context()
+    gate = StreamGate()
+    await gate.install(context)
+    url = page_server.harness(port, "/?user=42")
+    a = await open_tab(context, url)
+    await wait_leader(a)
+    b = await open_tab(context, url)
+
+    async def send(texts: list[str], sent: list[str]) -> None:
+        for number, text in enumerate(texts):
+            await publish(port, channels[number % 3], f"{text} {channels[number % 3]}")
+            sent.append(f"{text} {channels[number % 3]}")
+
+    first: list[str] = []
+    await send([f"first {n}" for n in range(6)], first)
+    for tab in (a, b):
+        await wait_until(lambda tab=tab: has_all(tab, first), timeout=WAIT)
+    ids = [e["id"] for e in await events(a, "message")]
+    assert all(len(i.split("-")[1].split(".")) == 3 for i in ids)
+    c = await open_tab(context, page_server.harness(port, "/?user=42", last=ids[1]))
+    gate.close()
+    await a.close()
+    rest: list[str] = []
+    await send([f"gap {n}" for n in range(3)], rest)
+    await wait_until(gate.holding, timeout=WAIT)
+    gate.open()
+    await wait_leader(b)
+    await send([f"after {n}" for n in range(4)], rest)
+    wanted = {b: first + rest, c: first[2:] + rest}
+    for tab, texts in wanted.items():
+        await wait_until(lambda tab=tab, texts=texts: has_all(tab, texts), timeout=WAIT)
+    await asyncio.sleep(0.5)
+    for tab, texts in wanted.items():
+        got = await messages(tab)
+        assert sorted(got) == sorted(texts)  # each once
+        for channel in channels:
+            assert [t for t in got if t.endswith(channel)] == [
+                t for t in texts if t.endswith(channel)
+            ]
     await context.close()
 
 

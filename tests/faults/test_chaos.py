@@ -178,7 +178,7 @@ async def run_publisher(service: Service, chaos: Chaos, stop: asyncio.Event) -> 
         except Exception:  # an outage: this message's fate is unknown
             chaos.failed += 1
         else:
-            chaos.succeeded[payload] = (event_id.epoch, event_id.seq)
+            chaos.succeeded[payload] = (event_id.epoch, event_id.seqs[0])
         await asyncio.sleep(0.05)
 
 

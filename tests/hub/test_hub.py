@@ -17,6 +17,7 @@ from sisyphus.hub.states import State
 from sisyphus.hub.subscriber import Held, Subscriber
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import sse
+from sisyphus.protocol.resume import Seqs, channel_group, history_name
 
 WALL = 1_700_000_000.75  # the wall clock, in seconds; ids carry int(WALL)
 MAX_UNSENT = 1000
@@ -70,8 +71,8 @@ class World:
         self.now = 0.0
         self.wall = WALL
         self.metrics = Metrics()
-        self.user_messages: list[tuple[str, int]] = []
-        self.on_user_message: Callable[[str, int], None] = self._record_user_message
+        self.user_messages: list[tuple[str, Seqs]] = []
+        self.on_user_message: Callable[[str, Seqs], None] = self._record_user_message
         self.hub = Hub(
             sink=self.sink,
             schedule=self.scheduled.append,
@@ -81,7 +82,7 @@ class World:
             wall_clock=lambda: self.wall,
         )
 
-    def _record_user_message(self, user_id: str, position: int) -> None:
+    def _record_user_message(self, user_id: str, position: Seqs) -> None:
         self.user_messages.append((user_id, position))
 
     def run_loop(self) -> None:
@@ -174,7 +175,7 @@ def test_plain_publish_repeats_each_streams_own_id(world: World) -> None:
     _, first = world.live(["room:1"], last_id=b"ep-3-10")
     _, second = world.live(["room:1"], user_id="2", last_id=b"ep-5-12")
     world.hub.dispatch("room:1", b"a")
-    world.hub.set_position("ep", 9)
+    world.hub.set_position("ep", (9,))
     world.hub.dispatch("room:1", b"b")
     world.hub.dispatch("room:1", b"c", seq=10, epoch=b"ep", time=20)
     world.hub.dispatch("room:1", b"d")
@@ -192,7 +193,7 @@ def test_plain_publish_repeats_each_streams_own_id(world: World) -> None:
 def test_own_publish_moves_the_position(world: World) -> None:
     """A message published through Sisyphus sets the hub's epoch and position."""
     world.hub.dispatch("room:nobody", b"x", seq=12, epoch=b"ab")
-    assert (world.hub.epoch, world.hub.position) == ("ab", 12)
+    assert (world.hub.epoch, world.hub.position) == ("ab", (12,))
     assert world.hub.current_id() == b"ab-12-1700000000"
 
 
@@ -274,8 +275,8 @@ def test_starting_stream_holds_events_until_it_goes_live(world: World) -> None:
     assert transport.writes == []
     assert sub.pending == []
     assert sub.held == [
-        Held(b"ep-1-10", 1, "room:1", b"a", 1),
-        Held(b"", None, "room:2", b"b", 1),
+        Held(b"ep-1-10", 1, "room:1", b"a", (1,), 0, 10),
+        Held(b"", None, "room:2", b"b", (1,)),
     ]
     assert sub.last_id == b"0-0-0"
 
@@ -483,19 +484,19 @@ def test_removing_a_stream_twice_is_harmless(world: World) -> None:
 
 def test_set_position_only_moves_forward_within_an_epoch(world: World) -> None:
     """Within one epoch the position never goes back; a new epoch is adopted as it is."""
-    world.hub.set_position("ep", 10)
-    world.hub.set_position("ep", 4)
-    assert (world.hub.epoch, world.hub.position) == ("ep", 10)
-    world.hub.set_position("ep", 11)
-    assert world.hub.position == 11
-    world.hub.set_position("new", 2)
-    assert (world.hub.epoch, world.hub.position) == ("new", 2)
+    world.hub.set_position("ep", (10,))
+    world.hub.set_position("ep", (4,))
+    assert (world.hub.epoch, world.hub.position) == ("ep", (10,))
+    world.hub.set_position("ep", (11,))
+    assert world.hub.position == (11,)
+    world.hub.set_position("new", (2,))
+    assert (world.hub.epoch, world.hub.position) == ("new", (2,))
     assert world.hub.current_id() == b"new-2-1700000000"
 
 
 def test_initial_position(world: World) -> None:
     """Before the broker tells its position, ids are `0-0-<wall time>`."""
-    assert (world.hub.epoch, world.hub.position) == ("0", 0)
+    assert (world.hub.epoch, world.hub.position) == ("0", (0,))
     assert world.hub.current_id() == b"0-0-1700000000"
 
 
@@ -505,13 +506,13 @@ def test_initial_position(world: World) -> None:
 def test_user_message_triggers_refresh_after_it_is_queued(world: World) -> None:
     """A message on `user:<id>` is queued for the user first, then its rights are refreshed."""
     sub, transport = world.live(["user:42", "room:1"], user_id="42")
-    seen: list[tuple[str, int, list[bytes]]] = []
+    seen: list[tuple[str, Seqs, list[bytes]]] = []
     world.on_user_message = lambda user_id, position: seen.append(
         (user_id, position, list(sub.pending))
     )
     world.hub.dispatch("user:42", b'{"rights": "grant"}', seq=7, epoch=b"ep", time=1)
     notice = frame(b"ep-7-1", b'{"rights": "grant"}')
-    assert seen == [("42", 7, [notice])]
+    assert seen == [("42", (7,), [notice])]
     world.run_loop()
     assert transport.writes == [notice]
 
@@ -537,17 +538,17 @@ def test_user_message_refreshes_a_starting_stream_too(world: World) -> None:
     """A rights change during the handshake is not lost: the refresh runs for starting streams."""
     world.starting(["user:42"], user_id="42")
     world.hub.dispatch("user:42", b"x", seq=3, epoch=b"ep")
-    assert world.user_messages == [("42", 3)]
+    assert world.user_messages == [("42", (3,))]
 
 
 def test_user_message_refresh_runs_once_per_message(world: World) -> None:
     """A user with several streams is refreshed once per notice, with the current position."""
     world.live(["user:42"], user_id="42")
     world.live(["user:42"], user_id="42")
-    world.hub.set_position("ep", 5)
+    world.hub.set_position("ep", (5,))
     world.hub.dispatch("user:42", b"x")
     world.hub.dispatch("user:42", b"y", seq=6, epoch=b"ep")
-    assert world.user_messages == [("42", 5), ("42", 6)]
+    assert world.user_messages == [("42", (5,)), ("42", (6,))]
 
 
 # Slow and broken clients ---------------------------------------------------------------------
@@ -797,3 +798,56 @@ def test_a_stream_that_holds_too_much_is_ended_and_the_others_go_on() -> None:
         callback()
     assert ended == [starting]
     assert live_transport.writes[-1].count(b"data: m") == 4
+
+
+# Several sequence groups (a Redis Cluster) -------------------------------------------------
+
+
+def grouped_channel(group: int) -> str:
+    return next(f"room:{n}" for n in range(100) if channel_group(f"room:{n}", 3) == group)
+
+
+def three_groups(world: World) -> str:
+    """The hub on three groups named e0, e1, e2; returns the ids' epoch."""
+    epoch = history_name(["e0", "e1", "e2"])
+    world.hub.set_position(epoch, (0, 0, 0), ("e0", "e1", "e2"))
+    return epoch
+
+
+def test_an_id_holds_what_the_process_delivered_in_the_other_groups(world: World) -> None:
+    epoch = three_groups(world)
+    first, second = grouped_channel(0), grouped_channel(1)
+    transports = [world.live([first, second], user_id=str(i))[1] for i in range(3)]
+    world.hub.dispatch(second, b"b", seq=10, epoch=b"e1", time=7)
+    world.hub.dispatch(first, b"a", seq=5, epoch=b"e0", time=8)
+    world.run_loop()
+    expected = frame(f"{epoch}-0.10.0-7".encode(), b"b") + frame(f"{epoch}-5.10.0-8".encode(), b"a")
+    assert all(b"".join(t.writes) == expected for t in transports)
+
+
+def test_a_stream_that_started_ahead_in_another_group_keeps_its_start_there(
+    world: World,
+) -> None:
+    """Its start (its floor) is after what the link delivered in group 1 so far: its ids
+    keep the start there, never going backwards; the others share one frame."""
+    epoch = three_groups(world)
+    channel = grouped_channel(0)
+    ahead, ahead_transport = world.live([channel], user_id="1")
+    world.hub.set_floor(ahead, (0, 50, 0))
+    others = [world.live([channel], user_id=str(i))[1] for i in range(2, 4)]
+    world.hub.dispatch(channel, b"x", seq=3, epoch=b"e0", time=9)
+    world.run_loop()
+    assert ahead_transport.writes == [frame(f"{epoch}-3.50.0-9".encode(), b"x")]
+    shared = [t.writes[0] for t in others]
+    assert shared[0] == frame(f"{epoch}-3.0.0-9".encode(), b"x") and shared[0] is shared[1]
+
+
+def test_a_groups_history_replaced_renames_the_ids(world: World) -> None:
+    three_groups(world)
+    channel = grouped_channel(2)
+    _, transport = world.live([channel])
+    world.hub.dispatch(channel, b"x", seq=1, epoch=b"new", time=9)
+    world.run_loop()
+    renamed = history_name(["e0", "e1", "new"])
+    assert world.hub.epoch == renamed
+    assert transport.writes == [frame(f"{renamed}-0.0.1-9".encode(), b"x")]

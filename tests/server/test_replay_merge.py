@@ -11,11 +11,11 @@ from sisyphus.server.replay import frames, merge
 
 
 def held(seq: int, channel: str = "room:1", payload: bytes = b"x") -> Held:
-    return Held(EventId("ep", seq, 5).encode(), seq, channel, payload, seq)
+    return Held(EventId("ep", (seq,), 5).encode(), seq, channel, payload, (seq,), 0, 5)
 
 
 def plain(after: int, channel: str = "room:1", payload: bytes = b"p") -> Held:
-    return Held(b"", None, channel, payload, after)
+    return Held(b"", None, channel, payload, (after,))
 
 
 def entry(seq: int, channel: str = "room:2", payload: bytes = b"r") -> HistoryEntry:
@@ -24,25 +24,31 @@ def entry(seq: int, channel: str = "room:2", payload: bytes = b"r") -> HistoryEn
 
 def test_replayed_messages_go_before_later_held_ones() -> None:
     """A new channel's replay (seq 4) is written before a live message with a higher seq (6)."""
-    merged = merge("ep", [entry(4)], [held(6)], after=3)
+    merged = merge("ep", [entry(4)], [held(6)], after=(3,))
     assert [m.seq for m in merged] == [4, 6]
 
 
 def test_a_message_both_replayed_and_held_comes_once() -> None:
     """A message that arrived live during the history read is not written twice."""
-    merged = merge("ep", [entry(4, "room:1"), entry(5, "room:1")], [held(5), held(7)], after=3)
+    merged = merge("ep", [entry(4, "room:1"), entry(5, "room:1")], [held(5), held(7)], after=(3,))
     assert [m.seq for m in merged] == [4, 5, 7]
 
 
 def test_held_messages_the_client_already_has_are_dropped() -> None:
     """A held message at or before the resume position is not delivered again."""
-    assert [m.seq for m in merge("ep", [], [held(2), held(3), held(4)], after=3)] == [4]
+    assert [m.seq for m in merge("ep", [], [held(2), held(3), held(4)], after=(3,))] == [4]
 
 
 def test_a_plain_publish_goes_right_after_the_seq_it_arrived_behind() -> None:
     """Plain messages keep their place among sequenced ones on the same channel."""
-    merged = merge("ep", [entry(5), entry(7)], [plain(5), held(6), plain(7)], after=4)
-    assert [(m.seq, m.position) for m in merged] == [(5, 5), (None, 5), (6, 6), (7, 7), (None, 7)]
+    merged = merge("ep", [entry(5), entry(7)], [plain(5), held(6), plain(7)], after=(4,))
+    assert [(m.seq, m.position[0]) for m in merged] == [
+        (5, 5),
+        (None, 5),
+        (6, 6),
+        (7, 7),
+        (None, 7),
+    ]
 
 
 def test_a_plain_publish_repeats_the_id_before_it() -> None:
@@ -69,7 +75,7 @@ def test_ids_never_go_backwards_and_nothing_repeats(
     entries = [entry(seq) for seq in sorted(s for s in replayed if s > after)]
     arrivals = sorted([(seq, 0) for seq in live] + [(p, 1) for p in plains])
     held_messages = [held(seq) if kind == 0 else plain(seq) for seq, kind in arrivals]
-    merged = merge("ep", entries, held_messages, after)
+    merged = merge("ep", entries, held_messages, (after,))
     seqs = [m.seq for m in merged if m.seq is not None]
     assert seqs == sorted(set(seqs))
     assert set(seqs) == {s for s in replayed if s > after} | {s for s in live if s > after}
@@ -77,4 +83,37 @@ def test_ids_never_go_backwards_and_nothing_repeats(
     positions = [m.position for m in merged]
     assert positions == sorted(positions)
     _, last = frames(merged, b"ep-0-5", json_flavour=False)
-    assert last == (EventId("ep", max(seqs), 5).encode() if seqs else b"ep-0-5")
+    assert last == (EventId("ep", (max(seqs),), 5).encode() if seqs else b"ep-0-5")
+
+
+def grouped(seq: int, group: int, channel: str = "room:1") -> Held:
+    return Held(b"held", seq, channel, b"%d" % seq, (), group, 5)
+
+
+def test_with_groups_replayed_come_first_then_held_ids_moving_group_by_group() -> None:
+    """Several sequence groups: no global order, so the replay goes first (a held message
+    not in it was published after it in its group), each id moving only forward."""
+    replayed = [
+        HistoryEntry(4, "a", b"4", 5, 0),
+        HistoryEntry(20, "b", b"20", 5, 1),
+        HistoryEntry(5, "a", b"5", 5, 0),
+    ]
+    held = [grouped(5, 0), grouped(21, 1), plain(0), grouped(3, 0), grouped(6, 0)]
+    merged = merge("ep", replayed, held, after=(3, 19))
+    assert [(m.group, m.seq) for m in merged] == [
+        (0, 4),
+        (1, 20),
+        (0, 5),
+        (1, 21),
+        (0, None),
+        (0, 6),
+    ]
+    assert [m.event_id for m in merged if m.seq is not None] == [
+        b"ep-4.19-5",
+        b"ep-4.20-5",
+        b"ep-5.20-5",
+        b"ep-5.21-5",
+        b"ep-6.21-5",
+    ]
+    plain_one = next(m for m in merged if m.seq is None)
+    assert plain_one.position == (5, 21)  # after what came before it

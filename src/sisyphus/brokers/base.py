@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
-from sisyphus.protocol.resume import ChannelHistory, EventId
+from sisyphus.protocol.resume import ChannelHistory, EventId, Seqs
 
 # channel, payload, seq, epoch, time: seq/epoch are None for a plain PUBLISH.
 MessageHandler = Callable[[str, bytes, int | None, bytes | None, int], None]
@@ -35,7 +35,8 @@ def ignore_loss() -> None:
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """The broker's history name, the last seq it handed out, and the retention edge.
+    """The broker's history name, the last seq it handed out, and the retention edge,
+    each per sequence group (one, but on a Redis Cluster).
 
     ``oldest`` is the first seq published within the retention age (``seq + 1``
     when nothing was): a position whose next message is older gets `reset`. It is
@@ -43,11 +44,14 @@ class Position:
     """
 
     epoch: str
-    seq: int
-    oldest: int = 0
+    seqs: Seqs
+    oldest: Seqs
     # The broker's count of subscription confirmations when the snapshot's read was
     # sent (0: not counted); see :meth:`Broker.confirmed_before`.
     confirmations: int = 0
+    # Each group's own history name; ``epoch`` is their history_name (empty: one group,
+    # named ``epoch``).
+    epochs: tuple[str, ...] = ()
 
 
 class Broker(Protocol):
@@ -117,9 +121,10 @@ class Broker(Protocol):
     async def position(self) -> Position: ...
 
     async def history(
-        self, channels: Iterable[str], after: int, limit: int, max_bytes: int
+        self, channels: Iterable[str], after: Seqs, limit: int, max_bytes: int
     ) -> list[ChannelHistory]:
-        """Per channel, the retained messages with a seq above ``after``.
+        """Per channel, the retained messages with a seq above ``after`` (in the
+        channel's group).
 
         Bounded work: once more than ``limit`` messages, or more than ``max_bytes``
         payload bytes, are found over all channels, reading stops and the answer is

@@ -5,12 +5,12 @@ Owns: the slot map, one pub/sub link per primary that serves a subscribed channe
 one command link per primary the service asks, and following the cluster when it
 changes.
 
-Layout (see :class:`~sisyphus.brokers.lua.KeyLayout`): the sequence, the histories
-and the envelopes' shard channels all live in the slot of ``{sisyphus}``, so every
-script touches one slot and one link hears every sequenced message in seq order:
-ids and resume are exactly those of one Redis. A channel's plain shard channel (the
-main application's ``SPUBLISH``) and users' sets (``user:<id>:channels``) live where
-their names hash, spread over the shards.
+Layout: the channels are spread over sequence groups (see
+:mod:`sisyphus.brokers.groups`), each with its sequence, histories and envelopes'
+shard channels in one slot, so every script touches one slot and one link hears each
+group's sequenced messages in seq order; ids carry one seq per group. A channel's
+plain shard channel (the main application's ``SPUBLISH``) and users' sets
+(``user:<id>:channels``) live where their names hash.
 
 Following the cluster: a pub/sub link that is lost or stops answering, a shard
 channel the server unsubscribes by itself (its slot moved, or its primary was
@@ -31,12 +31,12 @@ from typing import Any, TypeVar
 
 import hiredis
 
-from sisyphus.brokers import backoff, failover
+from sisyphus.brokers import backoff, failover, groups
 from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
 from sisyphus.brokers.lua import (
-    CLUSTER_LAYOUT,
     HISTORY_SCRIPT,
     POSITION_SCRIPT,
+    KeyLayout,
     parse_envelope,
     publish_call,
 )
@@ -46,26 +46,27 @@ from sisyphus.brokers.slots import Address, SlotMap, discover, redirect_of
 from sisyphus.brokers.topology import parse_broker_url
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.protocol.names import channels_key, user_channel
-from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry
+from sisyphus.protocol.resume import (
+    OVER_BUDGET,
+    ChannelHistory,
+    EventId,
+    HistoryEntry,
+    Seqs,
+    channel_group,
+    history_name,
+)
 
 log = logging.getLogger("sisyphus.redis")
 
 T = TypeVar("T")
 
-LAYOUT = CLUSTER_LAYOUT
-_SEQUENCED_PREFIX = LAYOUT.sequenced_prefix.encode()
-# Any key of the sequence's slot: where the sequence link goes.
-_SEQUENCE_SLOT_KEY = LAYOUT.sequence_key
+# Envelopes' shard channels are "{sisyphus.<n>}:seq <channel>" (no channel has a space).
+_SEQUENCED_START = b"{sisyphus."
+_SEQUENCED_MARK = b"}:seq "
 # How often a command follows a redirection before giving up (a slot moving twice).
 _REDIRECTS = 3
 # A multi-key script during a slot's migration answers TRYAGAIN: wait this long.
 _TRYAGAIN_DELAY = 0.05
-
-
-def _names(channels: Iterable[str]) -> list[str]:
-    """The shard channels behind hub channels: the plain one and the sequenced one."""
-    channels = list(channels)
-    return channels + [LAYOUT.sequenced_channel(channel) for channel in channels]
 
 
 def _busy(error: ReplyError) -> bool:
@@ -83,10 +84,10 @@ def _members(reply: list[bytes]) -> set[str] | None:
     return {member.decode("utf-8", "replace") for member in reply} if reply else None
 
 
-def _history_entry(channel: str, entry_id: bytes, fields: list[bytes]) -> HistoryEntry:
+def _history_entry(channel: str, entry_id: bytes, fields: list[bytes], group: int) -> HistoryEntry:
     values = dict(zip(fields[::2], fields[1::2], strict=True))
     return HistoryEntry(
-        int(entry_id.split(b"-")[0]), channel, values[b"p"], int(values.get(b"t", b"0"))
+        int(entry_id.split(b"-")[0]), channel, values[b"p"], int(values.get(b"t", b"0")), group
     )
 
 
@@ -151,12 +152,19 @@ class ClusterBroker:
         self._linger = linger
         self._map: SlotMap | None = None
         self._map_refresh: asyncio.Task[None] | None = None
-        # Command links: one per primary asked, plus the sequence's own (which checks
-        # the failover guard whenever it connects, wherever the slot has gone).
+        # Command links: one per primary asked, plus each group's own (which checks the
+        # failover guard whenever it connects, wherever the group's slot has gone).
         self._commands: dict[Address, CommandLink] = {}
-        self._sequence = CommandLink(
-            self._locate_sequence, timeout, backoff_base, backoff_cap, on_open=self._guard
-        )
+        # The sequence groups, once read from the cluster (fixed for the process's life
+        # unless the cluster's record of them changes), and each group's link.
+        self._layouts: list[KeyLayout] = []
+        self._sequences: list[CommandLink] = []
+        # Per group's tag, its index; and the latest (epoch, seq) this process knows of
+        # in each group (heard or read): the other groups' part of a publish's id.
+        self._group_of_tag: dict[bytes, int] = {}
+        self._known: list[tuple[bytes, int] | None] = []
+        # Hub channels wanted (the Redis names depend on the groups, known at connect).
+        self._channels: set[str] = set()
         self._probe: asyncio.Task[None] | None = None
         self._on_message: MessageHandler = drop_message
         self._on_lost: LostHandler = ignore_loss
@@ -204,8 +212,7 @@ class ClusterBroker:
             link.abort()
         self._links.clear()
         self._fail_waiters()
-        self._sequence.close()
-        for command_link in self._commands.values():
+        for command_link in (*self._sequences, *self._commands.values()):
             command_link.close()
 
     @property
@@ -220,7 +227,7 @@ class ClusterBroker:
             self._up
             and not self._opening
             and self._confirmed.keys() == self._wanted
-            and self._sequence.healthy
+            and all(link.healthy for link in self._sequences)
         )
 
     def tick(self, now: float) -> None:
@@ -237,15 +244,16 @@ class ClusterBroker:
                 break
             if ping and not link.pending:
                 link.request("PING").add_done_callback(_retrieve)
-        for command_link in (self._sequence, *self._commands.values()):
+        for command_link in (*self._sequences, *self._commands.values()):
             command_link.check(now)
             command_link.ping(now, self._ping_interval)
-        if not self._sequence.healthy and self._probe is None and not self._closing:
-            self._probe = asyncio.get_running_loop().create_task(self._probe_sequence())
+        unhealthy = [link for link in self._sequences if not link.healthy]
+        if unhealthy and self._probe is None and not self._closing:
+            self._probe = asyncio.get_running_loop().create_task(self._probe_sequences(unhealthy))
 
-    async def _probe_sequence(self) -> None:
+    async def _probe_sequences(self, links: list[CommandLink]) -> None:
         try:
-            await self._sequence.call("PING")
+            await asyncio.gather(*(link.call("PING") for link in links))
         except (LinkError, ReplyError, OSError) as exc:
             log.debug("redis cluster sequence link probe failed: %s", exc)
             self._refresh_map_soon()
@@ -282,20 +290,30 @@ class ClusterBroker:
     def _params_at(self, address: Address) -> dict[str, Any]:
         return {**self._params, "host": address[0], "port": address[1]}
 
-    async def _locate_sequence(self) -> dict[str, Any]:
-        found = self._map if self._map is not None else await self._discover()
-        address = found.node_for(_SEQUENCE_SLOT_KEY)
-        if address is None:
-            raise LinkError("no primary serves the sequence's slot")
-        return self._params_at(address)
+    def _sequence_link(self, layout: KeyLayout) -> CommandLink:
+        """A link that goes wherever the group's slot is served, guarded when it opens."""
 
-    async def _guard(self, link: RespProtocol) -> None:
-        """The sequence's primary: if its history diverged, no id may be reused."""
+        async def locate() -> dict[str, Any]:
+            found = self._map if self._map is not None else await self._discover()
+            address = found.node_for(layout.sequence_key)
+            if address is None:
+                raise LinkError("no primary serves the sequence's slot")
+            return self._params_at(address)
+
+        async def guard(link: RespProtocol) -> None:
+            await self._guard(link, layout)
+
+        return CommandLink(
+            locate, self._timeout, self._backoff_base, self._backoff_cap, on_open=guard
+        )
+
+    async def _guard(self, link: RespProtocol, layout: KeyLayout) -> None:
+        """A group's primary: if its history diverged, no id may be reused."""
         try:
             replid = failover.replication_id(await link.request("INFO", "replication"))
             if replid is None:
                 return
-            jumped = await link.request(*failover.guard_call(replid, LAYOUT))
+            jumped = await link.request(*failover.guard_call(replid, layout))
         except ReplyError as exc:
             if redirect_of(exc) is not None:
                 raise  # the slot moved since the map was read: this link is not the one
@@ -306,7 +324,7 @@ class ClusterBroker:
                     "a failover that lost writes, ids may be handed out twice; allow INFO and "
                     "the key %s to the service's user",
                     exc,
-                    LAYOUT.replication_id_key,
+                    layout.replication_id_key,
                 )
             return
         if jumped:
@@ -320,16 +338,56 @@ class ClusterBroker:
     async def _connect(self) -> None:
         """Learn the map, then open the links the wanted channels need and subscribe."""
         found = await self._discover()
+        await self._load_groups()
         if self._closing:
             return
         self._up = True
         self._outstanding.clear()
         self._confirmed.clear()
         self._home.clear()
-        self._wanted.difference_update(_names(self._lingering))
+        self._channels.difference_update(self._lingering)
         self._lingering.clear()
+        self._wanted = set(self._names(self._channels))
         self._route(sorted(self._wanted), found)
-        log.info("redis cluster pub/sub connected channels=%d", len(self._wanted) // 2)
+        log.info("redis cluster pub/sub connected channels=%d", len(self._channels))
+
+    async def _load_groups(self) -> None:
+        """The cluster's sequence groups, chosen here if nobody did yet."""
+        try:
+            stored = await self._routed(groups.GROUPS_KEY, ("GET", groups.GROUPS_KEY))
+            if stored is None:
+                found = self._map if self._map is not None else await self._discover()
+                tags = groups.initial_tags(found)
+                await self._routed(
+                    groups.GROUPS_KEY, ("SET", groups.GROUPS_KEY, groups.encode(tags), "NX")
+                )
+                stored = await self._routed(groups.GROUPS_KEY, ("GET", groups.GROUPS_KEY))
+            tags = groups.parse(stored)
+        except (ReplyError, groups.GroupsError) as exc:
+            raise BrokerUnavailable(f"redis cluster: the sequence groups: {exc}") from None
+        if [layout.prefix for layout in self._layouts] == tags:
+            return
+        if self._layouts:
+            log.error("redis cluster: the sequence groups changed to %s", groups.encode(tags))
+        for link in self._sequences:
+            link.close()
+        self._layouts = groups.layouts(tags)
+        self._group_of_tag = {tag.encode(): index for index, tag in enumerate(tags)}
+        self._known = [None] * len(tags)
+        self._sequences = [self._sequence_link(layout) for layout in self._layouts]
+        log.info("redis cluster: %d sequence groups", len(tags))
+
+    def _group(self, channel: str) -> int:
+        return channel_group(channel, len(self._layouts))
+
+    def _names(self, channels: Iterable[str]) -> list[str]:
+        """The shard channels behind hub channels: the plain one and its group's
+        sequenced one."""
+        channels = list(channels)
+        layouts = self._layouts
+        if not layouts:
+            return []
+        return channels + [layouts[self._group(c)].sequenced_channel(c) for c in channels]
 
     def _route(self, names: list[str], found: SlotMap) -> None:
         """Subscribe each name on the primary that serves it, opening links as needed."""
@@ -447,7 +505,8 @@ class ClusterBroker:
             channels = [channel for channel in channels if lingering.pop(channel, None) is None]
             if not channels:
                 return
-        names = _names(channels)
+        self._channels.update(channels)
+        names = self._names(channels)
         self._wanted.update(names)
         if self._up and self._map is not None:
             self._route(names, self._map)
@@ -458,7 +517,7 @@ class ClusterBroker:
             for channel in channels:
                 self._lingering[channel] = deadline
             return
-        self._drop(_names(channels))
+        self._drop(channels)
 
     def _end_lingering(self, now: float) -> None:
         ended = []
@@ -469,9 +528,11 @@ class ClusterBroker:
         for channel in ended:
             del self._lingering[channel]
         if ended:
-            self._drop(_names(ended))
+            self._drop(ended)
 
-    def _drop(self, names: list[str]) -> None:
+    def _drop(self, channels: list[str]) -> None:
+        self._channels.difference_update(channels)
+        names = self._names(channels)
         self._wanted.difference_update(names)
         for name in names:
             self._confirmed.pop(name, None)
@@ -507,10 +568,10 @@ class ClusterBroker:
 
     def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:
         mark = position.confirmations
-        if mark <= 0:
+        if mark <= 0 or not self._layouts:
             return False
         confirmed = self._confirmed
-        for name in _names(channels):
+        for name in self._names(channels):
             number = confirmed.get(name)
             if number is None or number > mark:
                 return False
@@ -521,7 +582,7 @@ class ClusterBroker:
             raise BrokerUnavailable("redis cluster pub/sub is not connected")
         loop = asyncio.get_running_loop()
         futures = []
-        for name in _names(channels):
+        for name in self._names(channels):
             if name not in self._confirmed:
                 future: asyncio.Future[None] = loop.create_future()
                 self._waiters.setdefault(name, []).append(future)
@@ -540,7 +601,8 @@ class ClusterBroker:
             raise BrokerUnavailable(f"redis cluster pub/sub: {exc}") from None
 
     def _on_shard_message(self, name: bytes, payload: bytes) -> None:
-        if name.startswith(_SEQUENCED_PREFIX):
+        mark = name.find(_SEQUENCED_MARK) if name.startswith(_SEQUENCED_START) else -1
+        if mark > 0:
             envelope = parse_envelope(payload)
             if envelope is None:
                 self.malformed += 1
@@ -552,7 +614,10 @@ class ClusterBroker:
                     )
                 return
             epoch, seq, time, body = envelope
-            channel = name[len(_SEQUENCED_PREFIX) :].decode("utf-8", "replace")
+            group = self._group_of_tag.get(name[: mark + 1])
+            if group is not None:
+                self._learn(group, epoch, seq)
+            channel = name[mark + len(_SEQUENCED_MARK) :].decode("utf-8", "replace")
             self._on_message(channel, body, seq, epoch, time)
             return
         self._on_message(name.decode("utf-8", "replace"), payload, None, None, 0)
@@ -610,18 +675,19 @@ class ClusterBroker:
             self._refresh_map_soon()
             raise BrokerUnavailable(f"redis command failed: {exc or type(exc).__name__}") from None
 
-    async def _script(self, body: str, keys: list[str], args: list[Any]) -> Any:
-        """A script on the sequence's slot, on its own link; a redirection means the slot
+    async def _script(self, group: int, body: str, keys: list[str], args: list[Any]) -> Any:
+        """A script on a group's slot, on the group's link; a redirection means the slot
         moved (the link is replaced) or is moving (the script follows the ASK once)."""
+        link = self._sequences[group]
         for _ in range(_REDIRECTS):
             try:
-                return await self._call(self._sequence.script(body, keys, args))
+                return await self._call(link.script(body, keys, args))
             except ReplyError as exc:
                 redirect = redirect_of(exc)
                 if redirect is not None and redirect.asking:
                     return await self._routed_script(redirect.address, body, keys, args)
                 if redirect is not None or str(exc).startswith("READONLY"):
-                    self._sequence.close()
+                    link.close()
                     await self._discover()
                     continue
                 if _busy(exc):
@@ -629,6 +695,14 @@ class ClusterBroker:
                     continue
                 raise BrokerUnavailable(f"redis refused a command: {exc}") from None
         raise BrokerUnavailable("redis cluster: the sequence's slot kept moving; try again")
+
+    async def _known_groups(self) -> list[KeyLayout]:
+        """The groups; read from the cluster first if this process hasn't yet (a publish
+        while the pub/sub side is still connecting)."""
+        if not self._layouts:
+            await self._discover()
+            await self._load_groups()
+        return self._layouts
 
     async def _routed_script(
         self, address: Address, body: str, keys: list[str], args: list[Any]
@@ -668,20 +742,56 @@ class ClusterBroker:
         return await self._user_channels(user_id), position
 
     async def _read_position(self, confirmations: int = 0) -> Position:
-        keys = [LAYOUT.epoch_key, LAYOUT.sequence_key, LAYOUT.timeline_key]
+        layouts = await self._known_groups()
+        reads = await asyncio.gather(*(self._group_position(g) for g in range(len(layouts))))
+        epochs = tuple(epoch for epoch, _, _ in reads)
+        return Position(
+            history_name(epochs),
+            tuple(seq for _, seq, _ in reads),
+            tuple(oldest for _, _, oldest in reads),
+            confirmations,
+            epochs,
+        )
+
+    async def _group_position(self, group: int) -> tuple[str, int, int]:
+        """A group's history name, last seq and retention edge."""
+        layout = self._layouts[group]
+        keys = [layout.epoch_key, layout.sequence_key, layout.timeline_key]
         args = [new_epoch(), str(int(self._history_max_age))]
-        epoch, seq, oldest = await self._script(POSITION_SCRIPT, keys, args)
-        return Position(epoch.decode(), int(seq), int(oldest), confirmations)
+        epoch, seq, oldest = await self._script(group, POSITION_SCRIPT, keys, args)
+        self._learn(group, epoch, int(seq))
+        return epoch.decode(), int(seq), int(oldest)
+
+    def _learn(self, group: int, epoch: bytes, seq: int) -> None:
+        known = self._known[group]
+        if known is None or known[0] != epoch or seq > known[1]:
+            self._known[group] = (epoch, seq)
 
     async def position(self) -> Position:
         return await self._read_position()
 
     async def history(
-        self, channels: Iterable[str], after: int, limit: int, max_bytes: int
+        self, channels: Iterable[str], after: Seqs, limit: int, max_bytes: int
     ) -> list[ChannelHistory]:
-        channels = list(channels)
-        keys = [LAYOUT.sequence_key, *(LAYOUT.history_key(channel) for channel in channels)]
-        reply = await self._script(HISTORY_SCRIPT, keys, [after, limit, max_bytes])
+        by_group: dict[int, list[str]] = {}
+        for channel in channels:
+            by_group.setdefault(self._group(channel), []).append(channel)
+        # Each group's read is bounded as a whole replay would be; the merged replay is
+        # bounded again by the caller.
+        answers = await asyncio.gather(
+            *(self._group_history(g, group_channels, after[g], limit, max_bytes)
+              for g, group_channels in by_group.items())
+        )  # fmt: skip
+        if any(answer is OVER_BUDGET for answer in answers):
+            return OVER_BUDGET
+        return [history for answer in answers for history in answer]
+
+    async def _group_history(
+        self, group: int, channels: list[str], after: int, limit: int, max_bytes: int
+    ) -> list[ChannelHistory]:
+        layout = self._layouts[group]
+        keys = [layout.sequence_key, *(layout.history_key(channel) for channel in channels)]
+        reply = await self._script(group, HISTORY_SCRIPT, keys, [after, limit, max_bytes])
         if not reply:
             return []
         if reply[0] == 1:
@@ -690,7 +800,7 @@ class ClusterBroker:
             return [ChannelHistory([], trimmed=True)]
         return [
             ChannelHistory(
-                [_history_entry(channel, entry_id, fields) for entry_id, fields in entries],
+                [_history_entry(channel, entry_id, fields, group) for entry_id, fields in entries],
                 trimmed=False,
             )
             for channel, entries in zip(channels, reply[1:], strict=True)
@@ -717,9 +827,26 @@ class ClusterBroker:
             raise BrokerUnavailable(f"redis refused a command: {exc}") from None
 
     async def _sequenced(self, channel: str, payload: bytes) -> EventId:
+        """Publish in the channel's group. The id: the message's seq in its group, and in
+        each other group the latest seq this process knows of there (heard, or read once
+        if none): a stream given this id resumes after this message, and after what the
+        other groups had published by then or a little before (never after)."""
+        layouts = await self._known_groups()
+        group = self._group(channel)
+        layout = layouts[group]
         keys, args = publish_call(
             channel, payload, self._history_size, self._history_max_age, new_epoch(),
-            layout=LAYOUT,
+            layout=layout,
         )  # fmt: skip
-        epoch, seq, time = await self._script(LAYOUT.publish_script, keys, args)
-        return EventId(epoch.decode(), int(seq), int(time))
+        unknown = [g for g, known in enumerate(self._known) if known is None and g != group]
+        published, *_ = await asyncio.gather(
+            self._script(group, layout.publish_script, keys, args),
+            *(self._group_position(g) for g in unknown),
+        )
+        epoch, seq, time = published
+        self._learn(group, epoch, int(seq))
+        parts = [known or (b"", 0) for known in self._known]
+        parts[group] = (epoch, int(seq))
+        return EventId(
+            history_name([e.decode() for e, _ in parts]), tuple(s for _, s in parts), int(time)
+        )

@@ -76,11 +76,12 @@ def sequenced_channel(channel: str) -> str:
 class KeyLayout:
     """Where the sequence, the histories and the envelopes' channels live.
 
-    On one Redis, under ``sisyphus:``. On a Redis Cluster, all of them in the one
-    hash slot of ``{sisyphus}``: every script then touches one slot, and the
-    envelopes are shard channels of that slot, so one pub/sub link hears every
-    sequenced message, in seq order. Users' sets keep the seed's names (the main
-    application writes them), so they spread over the cluster.
+    On one Redis, under ``sisyphus:``. On a Redis Cluster, one layout per sequence
+    group, each in the hash slot of its tag (``{sisyphus.<n>}``, see
+    :mod:`sisyphus.brokers.groups`): every script then touches one slot, and a group's
+    envelopes are shard channels of that slot, so one pub/sub link hears all of them,
+    in seq order. Users' sets keep the seed's names (the main application writes
+    them), so they spread over the cluster.
     """
 
     prefix: str
@@ -116,7 +117,6 @@ class KeyLayout:
 
 
 SINGLE_LAYOUT = KeyLayout("sisyphus", "PUBLISH", PUBLISH_SCRIPT)
-CLUSTER_LAYOUT = KeyLayout("{sisyphus}", "SPUBLISH", CLUSTER_PUBLISH_SCRIPT)
 
 
 # The user's rights set, the current position and the retention edge (the first seq

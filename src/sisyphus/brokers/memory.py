@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence, Set
 
 from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
 from sisyphus.protocol.names import user_channel
-from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry
+from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry, Seqs
 
 
 def new_epoch() -> str:
@@ -96,7 +96,7 @@ class MemoryBroker:
     def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:
         # Subscribing takes effect at once: if nothing was published since the snapshot,
         # every later message will be delivered and the history has nothing to add.
-        return position.seq == self._seq and position.epoch == self._epoch
+        return position.seqs == (self._seq,) and position.epoch == self._epoch
 
     async def barrier(self) -> None:
         return None  # delivery is synchronous with publish
@@ -112,7 +112,7 @@ class MemoryBroker:
         return True, self._sets.get(user_id) or None
 
     async def position(self) -> Position:
-        return Position(self._epoch, self._seq, self._oldest())
+        return Position(self._epoch, (self._seq,), (self._oldest(),))
 
     def _oldest(self) -> int:
         """The first seq published within the retention age (``seq + 1`` if none)."""
@@ -126,11 +126,14 @@ class MemoryBroker:
         return self._copy_of_set(user_id), await self.position()
 
     def held_snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
-        return self._sets.get(user_id) or None, Position(self._epoch, self._seq, self._oldest())
+        return self._sets.get(user_id) or None, Position(
+            self._epoch, (self._seq,), (self._oldest(),)
+        )
 
     async def history(
-        self, channels: Iterable[str], after: int, limit: int, max_bytes: int
+        self, channels: Iterable[str], after_seqs: Seqs, limit: int, max_bytes: int
     ) -> list[ChannelHistory]:
+        (after,) = after_seqs
         if after >= self._seq:
             return []  # nothing was published since: the usual first connect
         self._expire()
@@ -193,7 +196,7 @@ class MemoryBroker:
             self._expire()
         if channel in self._subscribed:
             self._on_message(channel, payload, seq, self._epoch_bytes, seconds)
-        return EventId(self._epoch, seq, seconds)
+        return EventId(self._epoch, (seq,), seconds)
 
     async def publish(self, channel: str, payload: bytes) -> EventId:
         return self._sequenced(channel, payload)

@@ -55,7 +55,7 @@ from sisyphus.protocol.names import (
     user_channel,
     user_of_channels_key,
 )
-from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry
+from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry, Seqs
 
 log = logging.getLogger("sisyphus.redis")
 
@@ -749,17 +749,17 @@ class RedisBroker:
         known = self._known
         if members is None or known is None:
             return None
-        seq = known.seq
+        (seq,) = known.seqs
         if self._heard_epoch is not None:
             if self._heard_epoch.decode("ascii", "replace") != known.epoch:
                 return None  # the history was renamed since the read: read again
             if self._heard > seq:
                 seq = self._heard
         made = self._held_position  # one Position while neither part moves
-        if made is None or made[0] is not known or made[1].seq != seq:
+        if made is None or made[0] is not known or made[1].seqs[0] != seq:
             made = self._held_position = (
                 known,
-                Position(known.epoch, seq, known.oldest, known.confirmations),
+                Position(known.epoch, (seq,), known.oldest, known.confirmations),
             )
         return members, made[1]
 
@@ -839,7 +839,7 @@ class RedisBroker:
         kind, epoch, seq, members, oldest = await self._call(
             self._commands.script(SNAPSHOT_SCRIPT, keys, args)
         )
-        position = Position(epoch.decode(), int(seq), int(oldest), confirmations)
+        position = Position(epoch.decode(), (int(seq),), (int(oldest),), confirmations)
         known = self._known
         if confirmations > 0 and (known is None or confirmations >= known.confirmations):
             self._known = position
@@ -861,11 +861,12 @@ class RedisBroker:
             return epoch, seq
 
         epoch, seq = await self._call(read())
-        return Position(epoch.decode(), int(seq or 0))
+        return Position(epoch.decode(), (int(seq or 0),), (int(seq or 0) + 1,))
 
     async def history(
-        self, channels: Iterable[str], after: int, limit: int, max_bytes: int
+        self, channels: Iterable[str], after_seqs: Seqs, limit: int, max_bytes: int
     ) -> list[ChannelHistory]:
+        (after,) = after_seqs
         channels = list(channels)
         keys = [SEQUENCE_KEY, *(history_key(channel) for channel in channels)]
         reply = await self._call(
@@ -901,4 +902,4 @@ class RedisBroker:
             channel, payload, self._history_size, self._history_max_age, new_epoch(), rights
         )
         epoch, seq, time = await self._call(self._commands.script(PUBLISH_SCRIPT, keys, args))
-        return EventId(epoch.decode(), int(seq), int(time))
+        return EventId(epoch.decode(), (int(seq),), int(time))

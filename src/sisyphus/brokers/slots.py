@@ -51,11 +51,23 @@ class SlotMap:
             owners[start : end + 1] = [address] * (end - start + 1)
         return cls(owners)
 
+    @classmethod
+    def from_ranges(cls, ranges: Iterable[tuple[int, int, Address]]) -> SlotMap:
+        """(first slot, last slot, primary) ranges, as a client library reports them."""
+        owners: list[Address | None] = [None] * SLOT_COUNT
+        for start, end, address in ranges:
+            owners[start : end + 1] = [address] * (end - start + 1)
+        return cls(owners)
+
     def node_for(self, name: str | bytes) -> Address | None:
         return self._owners[slot_of(name)]
 
     def owner(self, slot: int) -> Address | None:
         return self._owners[slot]
+
+    def first_slot(self, address: Address) -> int:
+        """The lowest slot ``address`` serves (``SLOT_COUNT`` if none): orders primaries."""
+        return next((i for i, o in enumerate(self._owners) if o == address), SLOT_COUNT)
 
     def assign(self, slot: int, address: Address) -> None:
         """A ``MOVED`` says where one slot is now (the rest is asked again later)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from sisyphus.hub.states import State
@@ -19,6 +19,7 @@ from sisyphus.hub.subscriber import Held, Subscriber
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import sse
 from sisyphus.protocol.names import user_of_channel
+from sisyphus.protocol.resume import EventId, Seqs, channel_group, history_name, later_of
 
 log = logging.getLogger("sisyphus.hub")
 
@@ -39,7 +40,7 @@ class Hub:
         schedule: Callable[[Callable[[], None]], Any],
         clock: Callable[[], float],
         metrics: Metrics,
-        on_user_message: Callable[[str, int], None],
+        on_user_message: Callable[[str, Seqs], None],
         wall_clock: Callable[[], float],
         max_held: int = 1000,
         on_overflow: Callable[[Subscriber], None] | None = None,
@@ -68,51 +69,73 @@ class Hub:
         self._batch = 0
         self._batch_arrival = 0.0
         self._wall_clock = wall_clock
-        # The broker's epoch and the highest seq this process knows of (snapshots
-        # included), and the highest seq delivered over the pub/sub link.
+        # Per sequence group (one, but on a Redis Cluster): the group's history name,
+        # the highest seq this process knows of (snapshots included), and the highest
+        # seq delivered over the pub/sub link; and the name of them all (ids' epoch).
+        self._groups = 1
+        self._epochs = [b"0"]
         self._epoch = b"0"
-        self._position = 0
-        self._delivered = 0
+        self._position = [0]
+        self._delivered = [0]
         # The highest start position of a live stream: a sequenced message at or below
         # it may be older than some stream's start (the pub/sub link lags the commands).
-        self._max_floor = 0
+        self._max_floor = [0]
 
     # Positions ---------------------------------------------------------------
-    def set_position(self, epoch: str, seq: int) -> None:
-        """Adopt the broker's epoch and position (at start, and after a reconnect)."""
-        epoch_bytes = epoch.encode("ascii")
-        if epoch_bytes != self._epoch:
-            self._epoch = epoch_bytes
-            self._position = self._delivered = seq
-        elif seq > self._position:
-            self._position = seq
+    def set_position(self, epoch: str, seqs: Seqs, epochs: Sequence[str] = ()) -> None:
+        """Adopt the broker's epoch and position (at start, and after a reconnect);
+        ``epochs`` name each group's history when there are several."""
+        named = [e.encode("ascii") for e in epochs or (epoch,)]
+        if len(seqs) != self._groups:
+            # The broker's groups (a cluster's first connect): everything starts here.
+            self._groups = len(seqs)
+            self._epochs = named
+            self._epoch = epoch.encode("ascii")
+            self._position, self._delivered = list(seqs), list(seqs)
+            self._max_floor = [0] * len(seqs)
+            return
+        for group, seq in enumerate(seqs):
+            if named[group] != self._epochs[group]:
+                self._rename(group, named[group], seq)
+            elif seq > self._position[group]:
+                self._position[group] = seq
+
+    def _rename(self, group: int, epoch: bytes, seq: int) -> None:
+        """A group's history was replaced (a wiped Redis): its position starts over."""
+        self._epochs[group] = epoch
+        self._epoch = history_name([e.decode("ascii") for e in self._epochs]).encode("ascii")
+        self._position[group] = self._delivered[group] = seq
 
     @property
     def epoch(self) -> str:
         return self._epoch.decode("ascii")
 
     @property
-    def position(self) -> int:
-        return self._position
+    def position(self) -> Seqs:
+        return tuple(self._position)
 
     @property
-    def delivered(self) -> int:
-        """The highest seq that arrived over the pub/sub link (a plain PUBLISH came after it)."""
-        return self._delivered
+    def delivered(self) -> Seqs:
+        """The highest seqs that arrived over the pub/sub link (a plain PUBLISH came after)."""
+        return tuple(self._delivered)
 
-    def set_floor(self, sub: Subscriber, seq: int) -> None:
-        """A live stream starts after ``seq``: later-arriving messages at or below it are old."""
-        sub.floor = seq
-        if seq > self._max_floor:
-            self._max_floor = seq
+    def set_floor(self, sub: Subscriber, seqs: Seqs) -> None:
+        """A live stream starts after ``seqs``: later-arriving messages at or below are old."""
+        sub.floor = seqs
+        max_floor = self._max_floor
+        for group, seq in enumerate(seqs):
+            if seq > max_floor[group]:
+                max_floor[group] = seq
 
     def current_id(self) -> bytes:
         """The id of "now": every message this process has seen is at or before it."""
-        return b"%s-%d-%d" % (self._epoch, self._position, int(self._wall_clock()))
+        return EventId(self.epoch, self.position, int(self._wall_clock())).encode()
 
     # Membership ------------------------------------------------------------
     def add(self, sub: Subscriber, channels: Iterable[str]) -> None:
         """Register ``sub`` and subscribe it to ``channels``."""
+        if len(sub.floor) != self._groups:
+            sub.floor = (0,) * self._groups  # its start, once live, replaces it
         streams = self._users.setdefault(sub.user_id, set())
         if sub not in streams:
             streams.add(sub)
@@ -189,15 +212,18 @@ class Hub:
         holds, so nothing a plain PUBLISH carries can move a client's position.
         """
         self._metrics.messages_in += 1
+        groups = self._groups
+        group = 0
         if seq is not None and epoch is not None:
-            if epoch != self._epoch:
-                self._epoch = epoch
-                self._position = self._delivered = seq
+            if groups > 1:
+                group = channel_group(channel, groups)
+            if epoch != self._epochs[group]:
+                self._rename(group, epoch, seq)
             else:
-                if seq > self._position:
-                    self._position = seq
-                if seq > self._delivered:
-                    self._delivered = seq
+                if seq > self._position[group]:
+                    self._position[group] = seq
+                if seq > self._delivered[group]:
+                    self._delivered[group] = seq
         listeners = self._channels.get(channel)
         if listeners:
             dirty = self._dirty
@@ -206,18 +232,27 @@ class Hub:
             if not self._batch:
                 self._batch_arrival = self._timer()
             self._batch += 1
-            if seq is not None:
+            if seq is None:
+                self._fan_out_plain(listeners, channel, payload)
+            elif groups == 1:
                 self._fan_out_sequenced(listeners, channel, payload, seq, time)
             else:
-                self._fan_out_plain(listeners, channel, payload)
+                self._fan_out_grouped(listeners, channel, payload, seq, time, group)
             self._metrics.messages_out += len(listeners)
             if self._overflowing:
                 self._end_overflowing()
         user_id = user_of_channel(channel)
         if user_id is not None and user_id in self._users:
             # Forward first, then refresh rights: the notice itself reaches the client.
+            if seq is None:
+                at = tuple(self._delivered)
+            elif groups == 1:
+                at = (seq,)
+            else:
+                delivered = self._delivered
+                at = (*delivered[:group], seq, *delivered[group + 1 :])
             try:
-                self._on_user_message(user_id, seq if seq is not None else self._delivered)
+                self._on_user_message(user_id, at)
             except Exception:
                 # The refresh's trouble is its own: delivery to everyone else goes on.
                 log.exception("rights refresh failed to start user=%s", user_id)
@@ -230,11 +265,11 @@ class Hub:
         frame = sse.encode_event(event_id, payload)
         json_frame = None  # encoded once, only if a JSON-flavour stream listens
         dirty = self._dirty
-        maybe_old = seq <= self._max_floor
+        maybe_old = seq <= self._max_floor[0]
         for sub in listeners:
             state = sub.state
             if state is State.LIVE:
-                if maybe_old and seq <= sub.floor:
+                if maybe_old and seq <= sub.floor[0]:
                     continue  # published before this stream's start: never backwards
                 sub.last_id = event_id
                 pending = sub.pending
@@ -250,7 +285,60 @@ class Hub:
                 # STARTING or CATCHING_UP: held raw until the stream can write it in
                 # order with what it replays.
                 held = sub.held
-                held.append(Held(event_id, seq, channel, payload, seq))
+                held.append(Held(event_id, seq, channel, payload, (seq,), 0, time))
+                if len(held) > self._max_held:
+                    self._overflowing.append(sub)
+
+    def _fan_out_grouped(
+        self,
+        listeners: set[Subscriber],
+        channel: str,
+        payload: bytes,
+        seq: int,
+        time: int,
+        group: int,
+    ) -> None:
+        """Several sequence groups: the id carries this message's seq in its group and,
+        in the others, what the process has delivered there, which every live stream has
+        (all earlier messages there arrived, on links that keep their order). A stream
+        that started after that in another group keeps its start there instead: the one
+        case that needs a frame of its own."""
+        seqs = list(self._delivered)
+        seqs[group] = seq
+        event_id = EventId(self.epoch, tuple(seqs), time).encode()
+        frame = sse.encode_event(event_id, payload)
+        json_frame = None
+        dirty = self._dirty
+        max_floor = self._max_floor
+        maybe_old = seq <= max_floor[group]
+        ahead = [g for g, floor in enumerate(max_floor) if g != group and floor > seqs[g]]
+        for sub in listeners:
+            state = sub.state
+            if state is State.LIVE:
+                floor = sub.floor
+                if maybe_old and seq <= floor[group]:
+                    continue  # published before this stream's start: never backwards
+                pending = sub.pending
+                if not pending:
+                    dirty.append(sub)
+                if ahead and any(floor[g] > seqs[g] for g in ahead):
+                    own_id = EventId(self.epoch, later_of(tuple(seqs), floor), time).encode()
+                    sub.last_id = own_id
+                    if sub.json_flavour:
+                        pending.append(sse.encode_json_message(own_id, channel, payload))
+                    else:
+                        pending.append(sse.encode_event(own_id, payload))
+                    continue
+                sub.last_id = event_id
+                if sub.json_flavour:
+                    if json_frame is None:
+                        json_frame = sse.encode_json_message(event_id, channel, payload)
+                    pending.append(json_frame)
+                else:
+                    pending.append(frame)
+            elif state is not State.CLOSED:
+                held = sub.held
+                held.append(Held(event_id, seq, channel, payload, tuple(seqs), group, time))
                 if len(held) > self._max_held:
                     self._overflowing.append(sub)
 
@@ -259,7 +347,7 @@ class Hub:
         frames: dict[bytes, bytes] = {}
         json_frames: dict[bytes, bytes] = {}
         dirty = self._dirty
-        position = self._delivered
+        position = tuple(self._delivered)
         last_id = b""
         frame = b""
         for sub in listeners:

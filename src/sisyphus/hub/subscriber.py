@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 from sisyphus.hub.states import State, can_move
+from sisyphus.protocol.resume import Seqs
 
 
 class Transport(Protocol):
@@ -28,9 +29,11 @@ class Held(NamedTuple):
     seq: int | None  # None for a plain PUBLISH
     channel: str
     payload: bytes
-    # Where it stands in the one sequence: its seq, or for a plain PUBLISH the highest
-    # seq the process had seen when it arrived (it came after that one).
-    position: int
+    # Where it stands in the sequence(s): its seq in its group and, in the others (and
+    # for a plain PUBLISH), the highest seq the process had seen when it arrived.
+    position: Seqs
+    group: int = 0  # its sequence group (one group but on a Redis Cluster)
+    time: int = 0  # when it was published (Unix seconds), for its id
 
 
 class Subscriber:
@@ -87,7 +90,7 @@ class Subscriber:
         self.state = State.STARTING
         # The seq the stream started after: a sequenced message at or below it that
         # arrives once live (the pub/sub link lagging) was before its start.
-        self.floor = 0
+        self.floor: Seqs = (0,)
 
     def move(self, target: State) -> bool:
         """Move to ``target`` if the state table allows it; return whether it moved."""

@@ -263,7 +263,7 @@ class Api:
         """The id of "now": a page renders it, and its first stream resumes from there."""
         position = await self._broker.position()
         now = int(self._wall_clock())
-        return {"id": EventId(position.epoch, position.seq, now).encode().decode()}
+        return {"id": EventId(position.epoch, position.seqs, now).encode().decode()}
 
     async def _rights(self, change: str, body: dict[str, Any]) -> dict[str, Any]:
         user = body.get("user")

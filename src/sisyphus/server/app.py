@@ -30,6 +30,7 @@ from sisyphus.metrics import Metrics
 from sisyphus.protocol import sse
 from sisyphus.protocol.auth import Authenticator, TokenVerifier, VerificationKey
 from sisyphus.protocol.cors import CorsPolicy
+from sisyphus.protocol.resume import Seqs
 from sisyphus.server.api import Api
 from sisyphus.server.connection import HttpConnection
 from sisyphus.server.lifecycle import shutdown_retry_ms
@@ -152,7 +153,7 @@ class Service:
         )
         self.broker.bind(self.hub.dispatch, self.streams.on_broker_lost)
 
-    def _on_user_message(self, user_id: str, position: int) -> None:
+    def _on_user_message(self, user_id: str, position: Seqs) -> None:
         self.streams.on_user_message(user_id, position)
 
     def _on_overflow(self, sub: Subscriber) -> None:
@@ -177,7 +178,7 @@ class Service:
         except BrokerUnavailable:
             pass  # learnt at the first stream's snapshot, once the broker is back
         else:
-            self.hub.set_position(position.epoch, position.seq)
+            self.hub.set_position(position.epoch, position.seqs, position.epochs)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: HttpConnection(self),

@@ -34,7 +34,13 @@ from sisyphus.hub.subscriber import Subscriber
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import sse
 from sisyphus.protocol.names import user_channel
-from sisyphus.protocol.resume import HistoryEntry, parse_event_id
+from sisyphus.protocol.resume import (
+    HistoryEntry,
+    Seqs,
+    earlier_of,
+    later_of,
+    parse_event_id,
+)
 from sisyphus.protocol.rights import readable_channels
 from sisyphus.server import replay
 from sisyphus.server.lifecycle import Lifecycle
@@ -63,7 +69,7 @@ class _Catch:
 
     def __init__(self, covered: int) -> None:
         self.covered = covered
-        self.entries: dict[int, HistoryEntry] = {}
+        self.entries: dict[tuple[int, int], HistoryEntry] = {}  # by (group, seq)
         self.reset: str | None = None
 
 
@@ -82,13 +88,16 @@ def _unchanged(
     return known if size == len(known) and members <= known else None
 
 
-def _seq_in(epoch: str, event_id: bytes) -> int:
-    """The seq of ``event_id`` if it is of ``epoch``, else 0 (it says nothing of this one)."""
+def _seqs_in(epoch: str, event_id: bytes, groups: int) -> Seqs:
+    """The position of ``event_id`` if it is of ``epoch``, else zeros (it says nothing
+    of this one)."""
     try:
         parsed = parse_event_id(event_id.decode("ascii"))
     except ValueError:  # not an id of ours (nor ASCII): it says nothing
-        return 0
-    return parsed.seq if parsed.epoch == epoch else 0
+        return (0,) * groups
+    if parsed.epoch != epoch or len(parsed.seqs) != groups:
+        return (0,) * groups
+    return parsed.seqs
 
 
 class Refresher:
@@ -109,12 +118,12 @@ class Refresher:
         self._loop = loop
         self._refreshing: set[str] = set()
         self._again: set[str] = set()
-        self._since: dict[str, int] = {}
+        self._since: dict[str, Seqs] = {}
         # Users whose next pass is due: one task reads all their sets together.
         self._queued: list[str] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def on_user_message(self, user_id: str, position: int) -> None:
+    def on_user_message(self, user_id: str, position: Seqs) -> None:
         """A message reached ``user:<id>`` at ``position``: hold its streams, re-read its set.
 
         Holding starts now, in the same step as the notice's delivery: every later
@@ -143,10 +152,10 @@ class Refresher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _start_next_pass_by(self, user_id: str, position: int) -> None:
+    def _start_next_pass_by(self, user_id: str, position: Seqs) -> None:
         """The user's next pass starts at ``position`` or before (the earliest asked)."""
         since = self._since.get(user_id)
-        self._since[user_id] = position if since is None else min(since, position)
+        self._since[user_id] = position if since is None else earlier_of(since, position)
 
     def _apply_now(self, user_id: str) -> bool:
         """The refresh done in the notice's own step, when it can be: True if it was.
@@ -206,7 +215,7 @@ class Refresher:
         adds channels goes on in a task of its own; one that needs another pass is
         queued again."""
         users, self._queued = self._queued, []
-        passes: list[tuple[str, int, dict[Subscriber, _Catch]]] = []
+        passes: list[tuple[str, Seqs, dict[Subscriber, _Catch]]] = []
         for user_id in users:
             self._again.discard(user_id)
             since = self._since.pop(user_id, self._hub.delivered)
@@ -246,7 +255,7 @@ class Refresher:
     async def _catch_up_and_release(
         self,
         user_id: str,
-        since: int,
+        since: Seqs,
         catches: dict[Subscriber, _Catch],
         added_by: dict[Subscriber, frozenset[str]],
     ) -> None:
@@ -278,7 +287,7 @@ class Refresher:
                 # Only reached after a failure: the client resumes by id instead.
                 self._lifecycle.end(sub, sse.Status.ERROR, "broker_unavailable")
 
-    def _after_pass(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> bool:
+    def _after_pass(self, user_id: str, since: Seqs, catches: dict[Subscriber, _Catch]) -> bool:
         """Release what the pass settled; True if the user needs another pass."""
         kept_since = self._release(user_id, since, catches)
         if kept_since is not None:
@@ -317,7 +326,7 @@ class Refresher:
     async def _catch_up(
         self,
         user_id: str,
-        since: int,
+        since: Seqs,
         catches: dict[Subscriber, _Catch],
         added_by: dict[Subscriber, frozenset[str]],
     ) -> bool:
@@ -343,10 +352,10 @@ class Refresher:
                 catch.reset = missed.reset
             for entry in missed.entries:
                 if entry.channel in added:
-                    catch.entries[entry.seq] = entry
+                    catch.entries[entry.group, entry.seq] = entry
         return True
 
-    def _release(self, user_id: str, since: int, catches: dict[Subscriber, _Catch]) -> int | None:
+    def _release(self, user_id: str, since: Seqs, catches: dict[Subscriber, _Catch]) -> Seqs | None:
         """Hand each stream of the pass its replay and held messages in order.
 
         What arrived after a notice the read may not cover stays held for the next
@@ -354,7 +363,7 @@ class Refresher:
         Returns the position of the earliest notice a stream stays held at (the next
         pass starts there), or ``None`` when every stream of the pass went live.
         """
-        kept_since: int | None = None
+        kept_since: Seqs | None = None
         epoch = self._hub.epoch
         own = user_channel(user_id)
         for sub, catch in catches.items():
@@ -367,8 +376,11 @@ class Refresher:
             try:
                 # The pass starts at its first notice, but a stream may already be past
                 # it (released by an earlier pass): nothing at or before its own id.
-                after = max(since, _seq_in(epoch, sub.last_id))
-                entries = sorted(e for e in catch.entries.values() if e.seq > after)
+                after = later_of(since, _seqs_in(epoch, sub.last_id, len(since)))
+                entries = sorted(
+                    (e for e in catch.entries.values() if e.seq > after[e.group]),
+                    key=lambda e: (e.group, e.seq),
+                )
                 # Notices that arrived after the read began: the rights it returned may
                 # predate them. Everything up to the first of them (the notice itself is
                 # always readable) is released under this pass's rights; what follows
@@ -382,7 +394,7 @@ class Refresher:
                 keep = None if notice is None else messages[cut:]
                 if notice is not None:
                     at = messages[notice].position
-                    kept_since = at if kept_since is None else min(kept_since, at)
+                    kept_since = at if kept_since is None else earlier_of(kept_since, at)
                 now = [message for message in messages[:cut] if message.channel in sub.channels]
                 out: list[bytes] = []
                 if catch.reset is not None:

@@ -15,7 +15,7 @@ from sisyphus.brokers.base import Broker
 from sisyphus.config import Settings
 from sisyphus.hub.subscriber import Held
 from sisyphus.protocol import sse
-from sisyphus.protocol.resume import EventId, HistoryEntry, Replay, plan_replay
+from sisyphus.protocol.resume import EventId, HistoryEntry, Replay, Seqs, plan_replay
 
 
 def frames(
@@ -37,7 +37,7 @@ def frames(
 
 
 async def read_replay(
-    broker: Broker, settings: Settings, epoch: str, channels: Iterable[str], after: int
+    broker: Broker, settings: Settings, epoch: str, channels: Iterable[str], after: Seqs
 ) -> Replay:
     """The retained messages after ``after`` on ``channels``, or why to reset instead.
 
@@ -47,11 +47,11 @@ async def read_replay(
     limit = settings.replay_max_messages
     max_bytes = min(settings.replay_max_bytes, settings.max_unsent_bytes)
     histories = await broker.history(channels, after, limit, max_bytes)
-    return plan_replay(histories, epoch, limit, max_bytes)
+    return plan_replay(histories, epoch, limit, max_bytes, after)
 
 
 def merge(
-    epoch: str, replayed: Sequence[HistoryEntry], held: Iterable[Held], after: int
+    epoch: str, replayed: Sequence[HistoryEntry], held: Iterable[Held], after: Seqs
 ) -> list[Held]:
     """Replayed and held messages as one list in sequence order, each once.
 
@@ -60,17 +60,20 @@ def merge(
     is dropped. A plain PUBLISH goes right after the seq it arrived behind, which
     keeps every channel in publication order and the ids from going backwards.
     """
+    if len(after) > 1:
+        return _merge_groups(epoch, replayed, held, after)
+    (start,) = after
     replayed_seqs = {entry.seq for entry in replayed}
     kept = [
         message
         for message in held
-        if message.seq is None or (message.seq > after and message.seq not in replayed_seqs)
+        if message.seq is None or (message.seq > start and message.seq not in replayed_seqs)
     ]
     if not replayed:
         return kept
     as_held = [
-        Held(EventId(epoch, entry.seq, entry.time).encode(), entry.seq, entry.channel,
-             entry.payload, entry.seq)
+        Held(EventId(epoch, (entry.seq,), entry.time).encode(), entry.seq, entry.channel,
+             entry.payload, (entry.seq,), 0, entry.time)
         for entry in replayed
     ]  # fmt: skip
     if not kept:
@@ -78,6 +81,39 @@ def merge(
     return list(heapq.merge(as_held, kept, key=_order))
 
 
-def _order(message: Held) -> tuple[int, int]:
+def _order(message: Held) -> tuple[Seqs, int]:
     # A sequenced message at its seq; a plain one just after the seq it arrived behind.
     return (message.position, 0 if message.seq is not None else 1)
+
+
+def _merge_groups(
+    epoch: str, replayed: Sequence[HistoryEntry], held: Iterable[Held], after: Seqs
+) -> list[Held]:
+    """Several sequence groups: what was replayed, then what was held in arrival order.
+    A held message that was not replayed was published after the history read, so after
+    everything replayed of its group. Ids are made in that order, from ``after``: each
+    group's part of them moves forward with that group's messages only."""
+    replayed_keys = {(entry.group, entry.seq) for entry in replayed}
+    running = list(after)
+    out = []
+    for entry in replayed:
+        if entry.seq <= running[entry.group]:
+            continue  # the client has it (never sent backwards)
+        running[entry.group] = entry.seq
+        seqs = tuple(running)
+        out.append(
+            Held(EventId(epoch, seqs, entry.time).encode(), entry.seq, entry.channel,
+                 entry.payload, seqs, entry.group, entry.time)
+        )  # fmt: skip
+    for message in held:
+        if message.seq is None:
+            out.append(message._replace(position=tuple(running)))
+            continue
+        group = message.group
+        if message.seq <= running[group] or (group, message.seq) in replayed_keys:
+            continue
+        running[group] = message.seq
+        seqs = tuple(running)
+        event_id = EventId(epoch, seqs, message.time).encode()
+        out.append(message._replace(event_id=event_id, position=seqs))
+    return out

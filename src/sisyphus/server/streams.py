@@ -33,6 +33,8 @@ from sisyphus.protocol.resume import (
     EventId,
     InvalidEventId,
     Replay,
+    Seqs,
+    at_or_before,
     last_event_id,
     start_position,
 )
@@ -86,11 +88,11 @@ class _Opened:
     __slots__ = ("ok_id", "position", "reset", "start", "sub")
 
     def __init__(
-        self, sub: Subscriber, ok_id: bytes, start: int, reset: str | None, position: Position
+        self, sub: Subscriber, ok_id: bytes, start: Seqs, reset: str | None, position: Position
     ) -> None:
         self.sub = sub
         self.ok_id = ok_id
-        self.start = start  # the seq the stream replays after
+        self.start = start  # the position the stream replays after
         self.reset = reset
         self.position = position  # the snapshot's
 
@@ -273,11 +275,13 @@ class Streams:
         older ones), and only a client at that very position (or a first connect)
         has nothing to replay. Anything else reads the broker's snapshot.
         """
-        if claimed is not None and (claimed.epoch != position.epoch or claimed.seq != position.seq):
+        if claimed is not None and (
+            claimed.epoch != position.epoch or claimed.seqs != position.seqs
+        ):
             return False
         if members is None:
             return True  # an unknown user, as of now: refused without a read
-        return self._hub.delivered <= position.seq and self._broker.confirmed_before(
+        return at_or_before(self._hub.delivered, position.seqs) and self._broker.confirmed_before(
             [user_channel(user_id), *members], position
         )
 
@@ -293,7 +297,7 @@ class Streams:
         """The stream from a snapshot, added to the hub (so held from now on), or refused."""
         settings = self._settings
         user_id = identity.user_id
-        self._hub.set_position(position.epoch, position.seq)
+        self._hub.set_position(position.epoch, position.seqs, position.epochs)
         if members is None:
             log.info(
                 "stream refused: unknown user=%s",
@@ -308,7 +312,7 @@ class Streams:
         if channels is None:
             self._refuse(attempt, sse.Status.FAILURE, "too_many_channels")
             return None
-        start, reset = start_position(claimed, position.epoch, position.seq, position.oldest)
+        start, reset = start_position(claimed, position.epoch, position.seqs, position.oldest)
         if claimed is not None and reset is None:
             ok_id = attempt.position  # resuming: the client's own id
         else:
@@ -335,15 +339,15 @@ class Streams:
         after it has arrived yet: all of them are still to come and will be held, so a
         history read would find nothing to add."""
         return (
-            opened.start == opened.position.seq
-            and self._hub.delivered <= opened.start
+            opened.start == opened.position.seqs
+            and at_or_before(self._hub.delivered, opened.start)
             and self._broker.confirmed_before(opened.sub.channels, opened.position)
         )
 
     def _finish(self, opened: _Opened, missed: Replay, started: float) -> None:
         """Go live with the replay (or reset) and whatever was held meanwhile."""
         sub, ok_id, start, reset = opened.sub, opened.ok_id, opened.start, opened.reset
-        snapshot_seq = opened.position.seq
+        snapshot_seq = opened.position.seqs
         if not sub.held and not missed.entries and missed.reset is None and reset is None:
             self._go_live(sub, ok_id, [], [], start, snapshot_seq, False, started)
             return
@@ -368,8 +372,8 @@ class Streams:
         ok_id: bytes,
         frames: list[bytes],
         messages: list[Held],
-        start: int,
-        snapshot_seq: int,
+        start: Seqs,
+        snapshot_seq: Seqs,
         refresh: bool,
         started: float = 0.0,
     ) -> None:
@@ -388,7 +392,9 @@ class Streams:
         own = user_channel(sub.user_id)
         notice: int | None = None
         for index, message in enumerate(messages):
-            if message.channel == own and (message.seq is None or message.seq > snapshot_seq):
+            if message.channel == own and (
+                message.seq is None or message.seq > snapshot_seq[message.group]
+            ):
                 notice = index
                 break
         cut = len(messages) if notice is None else notice + 1
@@ -466,7 +472,7 @@ class Streams:
     def expire(self) -> int:
         return self.lifecycle.expire()
 
-    def on_user_message(self, user_id: str, position: int) -> None:
+    def on_user_message(self, user_id: str, position: Seqs) -> None:
         self.refresher.on_user_message(user_id, position)
 
     async def wait_idle(self) -> None:

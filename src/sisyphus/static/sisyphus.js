@@ -14,7 +14,8 @@
 const TOKEN_REASONS = new Set(["expired", "invalid_token", "not_yet_valid", "missing_token"]);
 const STOPPING = new Set(["failure", "disconnected"]);
 const XML_STATUS = /^<message><status>([a-z_]+)<\/status><\/message>$/;
-const EVENT_ID = /^([0-9a-z]{1,16})-(\d{1,19})-\d{1,12}$/;
+// <epoch>-<seq>-<time>; on a Redis Cluster, one seq per sequence group: <s0>.<s1>...
+const EVENT_ID = /^([0-9a-z]{1,16})-(\d{1,19}(?:\.\d{1,19}){0,63})-\d{1,12}$/;
 const FIRST_RETRY_MS = 1000; // before the service hinted anything
 const MAX_BACKOFF_MS = 60000;
 const HELLO_WAIT_MS = 150; // a new holder asks the other tabs how far they got
@@ -28,7 +29,23 @@ export function connect(url, options = {}) {
 
 function parseId(id) {
   const match = typeof id === "string" ? EVENT_ID.exec(id) : null;
-  return match ? { epoch: match[1], seq: BigInt(match[2]) } : null;
+  return match ? { epoch: match[1], seqs: match[2].split(".").map(BigInt) } : null;
+}
+
+// Whether position `a` is at or before `b` in every group (the same epoch, the same
+// groups): everything up to `a` is also up to `b`.
+function atOrBefore(a, b) {
+  return a.epoch === b.epoch && a.seqs.length === b.seqs.length &&
+    a.seqs.every((seq, group) => seq <= b.seqs[group]);
+}
+
+// The id of the earlier of two positions, group by group: one of the ids when it is
+// at or before the other, else one made of the lower seq of each group.
+function earlierId(a, aId, b, bId) {
+  if (atOrBefore(a, b)) return aId;
+  if (atOrBefore(b, a)) return bId;
+  const seqs = a.seqs.map((seq, group) => (seq < b.seqs[group] ? seq : b.seqs[group]));
+  return `${a.epoch}-${seqs.join(".")}-0`;
 }
 
 function jittered(ms) {
@@ -175,10 +192,15 @@ class Subscription {
     let least = null;
     for (const id of ids) {
       const pos = parseId(id);
-      if (pos && (!least || (pos.epoch === least.epoch && pos.seq < least.seq))) {
-        least = pos;
+      if (!pos) continue;
+      if (!least) {
         this._resume = id;
+      } else if (pos.epoch === least.epoch && pos.seqs.length === least.seqs.length) {
+        this._resume = earlierId(pos, id, least, this._resume);
+      } else {
+        continue;
       }
+      least = parseId(this._resume);
     }
     if (!least) this._resume = this._lastId;
     if (!this._stopped) this._run();
@@ -228,8 +250,8 @@ class Subscription {
   _rewind(id) {
     const pos = parseId(id);
     const at = parseId(this._resume);
-    if (!pos || (at && (pos.epoch !== at.epoch || pos.seq >= at.seq))) return false;
-    this._resume = id;
+    if (!pos || (at && (pos.epoch !== at.epoch || atOrBefore(at, pos)))) return false;
+    this._resume = at ? earlierId(pos, id, at, this._resume) : id;
     if (this._abort && !this._abort.signal.aborted) {
       this._rewinding = true; // _run reconnects at once, with no status and no backoff
       this._abort.abort();
@@ -251,7 +273,7 @@ class Subscription {
     const at = this._catching;
     const ok = e.kind === "status" && e.status === "ok";
     const reset = e.kind === "status" && e.status === "reset";
-    if (e.final || reset || (pos && pos.epoch !== at.epoch) || (ok && pos && pos.seq <= at.seq)) {
+    if (e.final || reset || (pos && pos.epoch !== at.epoch) || (ok && pos && atOrBefore(pos, at))) {
       this._caughtUp();
       return true;
     }
@@ -268,7 +290,7 @@ class Subscription {
   _admit(e) {
     const pos = parseId(e.id);
     if (!pos) return true;
-    const newer = !this._pos || pos.epoch !== this._pos.epoch || pos.seq > this._pos.seq;
+    const newer = !this._pos || pos.epoch !== this._pos.epoch || !atOrBefore(pos, this._pos);
     if (newer) {
       this._pos = pos;
       this._lastId = e.id;
