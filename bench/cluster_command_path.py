@@ -112,8 +112,8 @@ def main() -> None:
     print(f"  redis.asyncio.cluster.RedisCluster: {library * 1e6:7.1f} us per connect")
     print(f"  the service's ClusterBroker:        {links * 1e6:7.1f} us per connect")
     print(f"  ratio (library / service links):    {library / links:7.2f}")
-    print(f"{args.publishes} sequenced publishes on 1,000 channels, per primary (scripts include")
-    print("the position reads that make each publish's id):")
+    print(f"{args.publishes} sequenced publishes on 1,000 channels, per primary (the scripts")
+    print("include the first publish's reads of the other groups' positions):")
     for (port, calls, cpu), (_, calls0, cpu0) in zip(after, before, strict=True):
         print(f"  primary :{port}: {calls - calls0:7d} scripts, {cpu - cpu0:6.2f} s of its CPU")
 

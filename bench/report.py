@@ -182,7 +182,8 @@ def notes(results: dict[str, dict[str, Any]]) -> list[str]:
                 out.append(f"{scenario} {target}: ERROR {data['error']}")
                 continue
             counts = pubsub_counts(data)
-            expected = 2 if target.endswith("-w2") else 1  # one per process
+            # One per process; on the three-primary cluster, one per primary.
+            expected = 2 if target.endswith("-w2") else 3 if target.endswith("-cluster") else 1
             if any(c != expected for c in counts):
                 out.append(
                     f"{scenario} {target}: Redis pub/sub connections seen {sorted(set(counts))}, "
