@@ -390,3 +390,43 @@ async def test_the_command_line_serves_and_publishes_on_a_cluster(clean: Cluster
         assert own_seq(message.id or "", "room:4") == own_seq(published.stdout.strip(), "room:4")
     finally:
         await stop_serve(served)
+
+
+def connections(cluster: ClusterTopology) -> int:
+    """Client connections on the primaries (this test's own one per primary included)."""
+    return sum(len(cluster.client(port).client_list()) for port in cluster.primary_ports())
+
+
+def subscribed(cluster: ClusterTopology) -> int:
+    """Connections holding shard subscriptions."""
+    return sum(
+        1
+        for port in cluster.primary_ports()
+        for client in cluster.client(port).client_list()
+        if int(client.get("ssub", 0))
+    )
+
+
+async def test_a_process_keeps_links_only_to_primaries_serving_its_channels(
+    clean: ClusterTopology,
+) -> None:
+    service = Service(settings(clean.url, subscription_linger=0.0))
+    await service.start()
+    try:
+        await wait_ready(service)
+        await service.broker.grant("3", ["room:3"], b"granted")
+        client = await connect_ok(service, "3")
+        links = subscribed(clean)  # the channel's primary and its group's (maybe one)
+        assert links in (1, 2, 3)
+        reading = connections(clean)
+        await client.close()
+        for _ in range(100):  # unsubscribed, then closed after a ping interval idle
+            if connections(clean) == reading - links:
+                break
+            await asyncio.sleep(0.05)
+        assert (subscribed(clean), connections(clean)) == (0, reading - links)
+        client = await connect_ok(service, "3")
+        await service.broker.publish("room:3", b"on new links")
+        assert (await client.next_message()).data == "on new links"
+    finally:
+        await service.stop()

@@ -173,6 +173,7 @@ class ClusterBroker:
         # handshake answered, and the ones being opened with the names waiting for them.
         self._up = False
         self._links: dict[Address, _ShardLink] = {}
+        self._idle: set[Address] = set()  # links that carried no channel at the last tick
         self._opening: dict[Address, list[str]] = {}
         self._generation = 0  # bumped at every loss: a link opened for an older one is dropped
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -237,6 +238,8 @@ class ClusterBroker:
         ping = now - self._last_ping >= self._ping_interval
         if ping:
             self._last_ping = now
+            if self._up:
+                self._close_idle_links()
         for link in list(self._links.values()):
             if link.overdue(now, self._timeout):
                 log.error("redis cluster %s:%d: no answer in %.1f s", *link.address, self._timeout)
@@ -250,6 +253,23 @@ class ClusterBroker:
         unhealthy = [link for link in self._sequences if not link.healthy]
         if unhealthy and self._probe is None and not self._closing:
             self._probe = asyncio.get_running_loop().create_task(self._probe_sequences(unhealthy))
+
+    def _close_idle_links(self) -> None:
+        """A shard link that carried no channel for a whole ping interval is closed: a
+        process holds links only to the primaries that serve what it reads."""
+        homes = set(self._home.values())
+        for address, link in list(self._links.items()):
+            if address in homes or address in self._opening or link.pending:
+                self._idle.discard(address)
+            elif address not in self._idle:
+                self._idle.add(address)  # idle since this tick: closed at the next
+            else:
+                self._idle.discard(address)
+                del self._links[address]  # first: its loss is not the broker's loss
+                link.abort()
+                # Unsubscriptions it still owed an answer to will never get one.
+                for name in [n for n in self._outstanding if n not in self._wanted]:
+                    del self._outstanding[name]
 
     async def _probe_sequences(self, links: list[CommandLink]) -> None:
         try:
@@ -446,6 +466,7 @@ class ClusterBroker:
         self._failures += 1  # a subscription confirmed again resets it
         self._generation += 1
         links, self._links = self._links, {}
+        self._idle.clear()
         self._opening.clear()
         self._home.clear()
         self._confirmed.clear()
