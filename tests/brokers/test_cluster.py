@@ -13,6 +13,7 @@ import itertools
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -430,3 +431,33 @@ async def test_a_process_keeps_links_only_to_primaries_serving_its_channels(
         assert (await client.next_message()).data == "on new links"
     finally:
         await service.stop()
+
+
+async def test_a_grant_keeps_what_the_streams_old_channels_got_meanwhile(
+    clean: ClusterTopology, service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Channel c is granted (same group as a, which the stream reads): while the refresh
+    catches c up, a message on a arrives live (held), and one on c is published before
+    the history read (replayed, with a higher seq). Both reach the stream, in order."""
+    broker = service.broker
+    a, c = [f"room:{n}" for n in range(99) if channel_group(f"room:{n}", 3) == 0][:2]
+    await broker.grant("1", [a], b"granted a")
+    client = await connect_ok(service, "1")
+    original = broker.history
+    injected = False
+
+    async def history(channels: list[str], after: Any, limit: int, max_bytes: int) -> Any:
+        nonlocal injected
+        if not injected and list(channels) == [c]:
+            injected = True
+            await broker.publish(a, b"on a during the catch-up")
+            await asyncio.sleep(0.2)  # it arrives live: held
+            await broker.publish(c, b"on c before the read")
+        return await original(channels, after, limit, max_bytes)
+
+    monkeypatch.setattr(broker, "history", history)
+    await broker.grant("1", [c], b"granted c")
+    got = await client.messages_until("on c before the read")
+    assert got == ["granted c", "on a during the catch-up", "on c before the read"]
+    await broker.publish(a, b"later")
+    assert (await client.next_message()).data == "later"

@@ -90,9 +90,10 @@ def grouped(seq: int, group: int, channel: str = "room:1") -> Held:
     return Held(b"held", seq, channel, b"%d" % seq, (), group, 5)
 
 
-def test_with_groups_replayed_come_first_then_held_ids_moving_group_by_group() -> None:
-    """Several sequence groups: no global order, so the replay goes first (a held message
-    not in it was published after it in its group), each id moving only forward."""
+def test_with_groups_each_group_merges_by_seq_held_in_arrival_order() -> None:
+    """Several sequence groups: no order across them but arrival, so each group's replayed
+    and held messages merge by seq (each once), the held ones in their arrival order, and
+    each id moves forward group by group."""
     replayed = [
         HistoryEntry(4, "a", b"4", 5, 0),
         HistoryEntry(20, "b", b"20", 5, 1),
@@ -100,20 +101,24 @@ def test_with_groups_replayed_come_first_then_held_ids_moving_group_by_group() -
     ]
     held = [grouped(5, 0), grouped(21, 1), plain(0), grouped(3, 0), grouped(6, 0)]
     merged = merge("ep", replayed, held, after=(3, 19))
-    assert [(m.group, m.seq) for m in merged] == [
-        (0, 4),
-        (1, 20),
-        (0, 5),
-        (1, 21),
-        (0, None),
-        (0, 6),
-    ]
+    order = [(m.group, m.seq) for m in merged]
+    assert order == [(0, 4), (0, 5), (1, 20), (1, 21), (0, None), (0, 6)]
     assert [m.event_id for m in merged if m.seq is not None] == [
         b"ep-4.19-5",
-        b"ep-4.20-5",
+        b"ep-5.19-5",
         b"ep-5.20-5",
         b"ep-5.21-5",
         b"ep-6.21-5",
     ]
     plain_one = next(m for m in merged if m.seq is None)
     assert plain_one.position == (5, 21)  # after what came before it
+
+
+def test_with_groups_a_refresh_keeps_what_its_old_channels_held() -> None:
+    """A rights refresh replays the added channel only (``c``); a message of a channel the
+    stream already read (``a``, same group, a lower seq) held meanwhile is kept, in order."""
+    replayed = [HistoryEntry(4, "c", b"c4", 5, 0)]
+    held = [grouped(3, 0, "a"), grouped(5, 0, "a")]
+    merged = merge("ep", replayed, held, after=(2, 0))
+    assert [(m.channel, m.seq) for m in merged] == [("a", 3), ("c", 4), ("a", 5)]
+    assert [m.event_id for m in merged] == [b"ep-3.0-5", b"ep-4.0-5", b"ep-5.0-5"]

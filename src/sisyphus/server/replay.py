@@ -8,6 +8,7 @@ by the rights refresh; knows nothing of either.
 
 from __future__ import annotations
 
+import collections
 import heapq
 from collections.abc import Iterable, Sequence
 
@@ -89,31 +90,52 @@ def _order(message: Held) -> tuple[Seqs, int]:
 def _merge_groups(
     epoch: str, replayed: Sequence[HistoryEntry], held: Iterable[Held], after: Seqs
 ) -> list[Held]:
-    """Several sequence groups: what was replayed, then what was held in arrival order.
-    A held message that was not replayed was published after the history read, so after
-    everything replayed of its group. Ids are made in that order, from ``after``: each
-    group's part of them moves forward with that group's messages only."""
+    """Several sequence groups: within each group, replayed and held messages merged in
+    seq order, each once; across groups, the held ones in arrival order, each preceded by
+    the replayed ones of its group that come before it, then the rest of the replay.
+
+    A rights refresh replays only the added channels, while the held messages are of
+    every channel: a held message is dropped only if it was replayed or is at or before
+    ``after``, never for a replayed message of another channel with a higher seq. Ids are
+    made in the output's order, from ``after``: each group's part of them moves forward
+    with that group's messages only.
+    """
     replayed_keys = {(entry.group, entry.seq) for entry in replayed}
+    due: dict[int, collections.deque[HistoryEntry]] = {}
+    for entry in sorted(replayed, key=lambda e: (e.group, e.seq)):
+        if entry.seq > after[entry.group]:
+            due.setdefault(entry.group, collections.deque()).append(entry)
     running = list(after)
-    out = []
-    for entry in replayed:
-        if entry.seq <= running[entry.group]:
-            continue  # the client has it (never sent backwards)
-        running[entry.group] = entry.seq
-        seqs = tuple(running)
-        out.append(
-            Held(EventId(epoch, seqs, entry.time).encode(), entry.seq, entry.channel,
-                 entry.payload, seqs, entry.group, entry.time)
-        )  # fmt: skip
+    out: list[Held] = []
+
+    def replay_before(group: int, seq: float) -> None:
+        queue = due.get(group)
+        while queue and queue[0].seq < seq:
+            entry = queue.popleft()
+            running[group] = entry.seq
+            seqs = tuple(running)
+            out.append(
+                Held(EventId(epoch, seqs, entry.time).encode(), entry.seq, entry.channel,
+                     entry.payload, seqs, entry.group, entry.time)
+            )  # fmt: skip
+
     for message in held:
         if message.seq is None:
             out.append(message._replace(position=tuple(running)))
             continue
         group = message.group
-        if message.seq <= running[group] or (group, message.seq) in replayed_keys:
+        replay_before(group, message.seq)
+        if (group, message.seq) in replayed_keys:
+            replay_before(group, message.seq + 1)  # its replayed copy, in its place
             continue
+        if message.seq <= running[group]:
+            continue  # the client has it
         running[group] = message.seq
         seqs = tuple(running)
         event_id = EventId(epoch, seqs, message.time).encode()
         out.append(message._replace(event_id=event_id, position=seqs))
+    # What is left of the replay: each group in seq order, the groups by time.
+    left = [list(queue) for queue in due.values() if queue]
+    for entry in heapq.merge(*left, key=lambda e: e.time):
+        replay_before(entry.group, entry.seq + 1)
     return out
