@@ -246,6 +246,31 @@ async def test_a_new_holder_replays_across_sequence_groups(
     await context.close()
 
 
+async def test_positions_that_do_not_compare_keep_the_later_of_each_group(
+    make_service: ServiceFactory, page_server: PageServer, browser: Any
+) -> None:
+    """Ids of several sequence groups need not compare (each ahead in a group, as after a
+    rewind from the lower seq of each): a tab then holds the later of each group, so a
+    message it already delivered is not delivered again when it comes back."""
+    service = await cors_service(make_service, page_server)
+    await grant(service.port, "42", "room:1")
+    context = await browser.new_context()
+    tab = await open_tab(context, page_server.harness(service.port, "/?user=42", share="0"))
+    for event_id, data in [
+        ("zz-10.5-1", "group 0: 10"),
+        ("zz-9.6-1", "group 1: 6"),  # another stream's id: behind in group 0
+        ("zz-10.6-1", "group 0: 10"),  # the same message again, on that stream
+        ("zz-10.7-1", "group 1: 7"),
+    ]:
+        await tab.evaluate(
+            "([id, data]) => window.sub._deliver({kind: 'message', id, data}, false)",
+            [event_id, data],
+        )
+    assert await messages(tab) == ["group 0: 10", "group 1: 6", "group 1: 7"]
+    assert await tab.evaluate("window.sub.lastEventId") == "zz-10.7-1"
+    await context.close()
+
+
 @pytest.mark.parametrize("provider", [True, False], ids=["provider-refused", "no-provider"])
 async def test_a_tab_that_gives_up_lets_another_take_over(
     make_service: ServiceFactory, page_server: PageServer, browser: Any, provider: bool

@@ -39,6 +39,15 @@ function atOrBefore(a, b) {
     a.seqs.every((seq, group) => seq <= b.seqs[group]);
 }
 
+// The id of the later of two positions, group by group: one of the ids when it is at
+// or after the other, else one made of the higher seq of each group.
+function laterId(a, aId, b, bId) {
+  if (atOrBefore(b, a)) return aId;
+  if (atOrBefore(a, b)) return bId;
+  const seqs = a.seqs.map((seq, group) => (seq > b.seqs[group] ? seq : b.seqs[group]));
+  return `${a.epoch}-${seqs.join(".")}-0`;
+}
+
 // The id of the earlier of two positions, group by group: one of the ids when it is
 // at or before the other, else one made of the lower seq of each group.
 function earlierId(a, aId, b, bId) {
@@ -292,8 +301,12 @@ class Subscription {
     if (!pos) return true;
     const newer = !this._pos || pos.epoch !== this._pos.epoch || !atOrBefore(pos, this._pos);
     if (newer) {
-      this._pos = pos;
-      this._lastId = e.id;
+      // With several sequence groups two positions may not compare (each ahead in a
+      // group): the tab has both, so it holds the later of each group.
+      const same = this._pos && pos.epoch === this._pos.epoch &&
+        pos.seqs.length === this._pos.seqs.length;
+      this._lastId = same ? laterId(pos, e.id, this._pos, this._lastId) : e.id;
+      this._pos = parseId(this._lastId);
     }
     // At or behind: a message replayed (this tab has it) is dropped. A plain PUBLISH
     // (it repeats its stream's last id) is never replayed, so it is always new, and a
