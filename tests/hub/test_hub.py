@@ -851,3 +851,16 @@ def test_a_groups_history_replaced_renames_the_ids(world: World) -> None:
     renamed = history_name(["e0", "e1", "new"])
     assert world.hub.epoch == renamed
     assert transport.writes == [frame(f"{renamed}-0.0.1-9".encode(), b"x")]
+
+
+def test_a_history_replaced_under_live_streams_reaches_them_from_its_first_message(
+    world: World,
+) -> None:
+    """A wiped Redis (new epoch, seqs from 1 again) while streams stay open: the new
+    history's messages are all new to them, whatever their start in the old one."""
+    world.hub.set_position("ep", (0,))
+    sub, transport = world.live(["room:1"], last_id=b"ep-40-1")
+    world.hub.set_floor(sub, (40,))
+    world.hub.dispatch("room:1", b"after the wipe", seq=1, epoch=b"new", time=2)
+    world.run_loop()
+    assert transport.writes == [frame(b"new-1-2", b"after the wipe")]

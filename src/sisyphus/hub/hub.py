@@ -101,10 +101,18 @@ class Hub:
                 self._position[group] = seq
 
     def _rename(self, group: int, epoch: bytes, seq: int) -> None:
-        """A group's history was replaced (a wiped Redis): its position starts over."""
+        """A group's history was replaced (a wiped Redis): its position starts over, and
+        so do the live streams' starts there (the new history's seqs are all new)."""
         self._epochs[group] = epoch
         self._epoch = history_name([e.decode("ascii") for e in self._epochs]).encode("ascii")
         self._position[group] = self._delivered[group] = seq
+        if self._max_floor[group]:
+            self._max_floor[group] = 0
+            for streams in self._users.values():
+                for sub in streams:
+                    floor = sub.floor
+                    if len(floor) > group and floor[group]:
+                        sub.floor = (*floor[:group], 0, *floor[group + 1 :])
 
     @property
     def epoch(self) -> str:
