@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from sisyphus.brokers.cluster import ClusterBroker
 from sisyphus.brokers.groups import GROUPS_KEY, layouts, parse
 from sisyphus.brokers.lua import KeyLayout
 from sisyphus.client import AsyncRedisPublisher, RedisPublisher
@@ -461,3 +462,32 @@ async def test_a_grant_keeps_what_the_streams_old_channels_got_meanwhile(
     assert got == ["granted c", "on a during the catch-up", "on c before the read"]
     await broker.publish(a, b"later")
     assert (await client.next_message()).data == "later"
+
+
+async def test_closing_an_idle_link_forgets_only_what_that_link_owed(
+    clean: ClusterTopology,
+) -> None:
+    """In one step: a channel's unsubscription is on its way on one link, an idle link is
+    closed, and the channel is subscribed again. Its new subscription is confirmed."""
+    primaries = clean.primary_ports()
+    staying = channel_on(clean, primaries[0], "z", group=0)  # both its names on primary 0
+    leaving = channel_on(clean, primaries[1], "y", group=1)  # both on primary 1
+    broker = ClusterBroker(clean.url, timeout=2.0, ping_interval=1.0)
+    await broker.start()
+    try:
+        broker.subscribe([leaving])
+        await asyncio.wait_for(broker.wait_subscribed([leaving]), 5)
+        broker.unsubscribe([leaving])
+        await asyncio.sleep(0.2)  # its link to primary 1 carries nothing now
+        broker.subscribe([staying])
+        await asyncio.wait_for(broker.wait_subscribed([staying]), 5)
+        loop = asyncio.get_running_loop()
+        broker.tick(loop.time() + 1.0)  # the link to primary 1 is idle since this tick
+        await asyncio.sleep(0.2)  # (the tick's PINGs answered)
+        broker.unsubscribe([staying])  # its SUNSUBSCRIBE is on its way ...
+        broker.tick(loop.time() + 2.0)  # ... while the idle link is closed ...
+        broker.subscribe([staying])  # ... and the channel is wanted again
+        await asyncio.wait_for(broker.wait_subscribed([staying]), 5)
+        assert broker.ready
+    finally:
+        await broker.close()

@@ -174,6 +174,8 @@ class ClusterBroker:
         self._up = False
         self._links: dict[Address, _ShardLink] = {}
         self._idle: set[Address] = set()  # links that carried no channel at the last tick
+        # Names whose SUNSUBSCRIBE is on its way, with the link it went on.
+        self._leaving: dict[str, Address] = {}
         self._opening: dict[Address, list[str]] = {}
         self._generation = 0  # bumped at every loss: a link opened for an older one is dropped
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -268,8 +270,9 @@ class ClusterBroker:
                 del self._links[address]  # first: its loss is not the broker's loss
                 link.abort()
                 # Unsubscriptions it still owed an answer to will never get one.
-                for name in [n for n in self._outstanding if n not in self._wanted]:
-                    del self._outstanding[name]
+                for name in [n for n, at in self._leaving.items() if at == address]:
+                    del self._leaving[name]
+                    self._outstanding.pop(name, None)
 
     async def _probe_sequences(self, links: list[CommandLink]) -> None:
         try:
@@ -365,6 +368,7 @@ class ClusterBroker:
         self._outstanding.clear()
         self._confirmed.clear()
         self._home.clear()
+        self._leaving.clear()
         self._channels.difference_update(self._lingering)
         self._lingering.clear()
         self._wanted = set(self._names(self._channels))
@@ -469,6 +473,7 @@ class ClusterBroker:
         self._idle.clear()
         self._opening.clear()
         self._home.clear()
+        self._leaving.clear()
         self._confirmed.clear()
         self._outstanding.clear()
         for link in links.values():
@@ -508,6 +513,8 @@ class ClusterBroker:
                         "redis cluster reconnect attempt=%d failed: %s", self._failures, exc
                     )
                     continue
+                if not self._up and not self._closing:
+                    continue  # lost again while subscribing: this task tries again
                 self.reconnects += 1
                 return
         finally:
@@ -564,6 +571,7 @@ class ClusterBroker:
             link = self._links.get(address) if address is not None else None
             if link is not None:
                 self._outstanding[name] = self._outstanding.get(name, 0) + 1
+                self._leaving[name] = link.address
                 link.send(("SUNSUBSCRIBE", name))
 
     def _on_confirmation(self, link: _ShardLink, kind: bytes, name: str) -> None:
@@ -579,6 +587,7 @@ class ClusterBroker:
             self._outstanding[name] = due - 1
             return
         del self._outstanding[name]
+        self._leaving.pop(name, None)
         if kind == b"ssubscribe" and name in self._wanted:
             self._failures = 0  # a real round trip on the pub/sub side
             self._confirmations += 1
