@@ -447,14 +447,16 @@ async def test_a_grant_keeps_what_the_streams_old_channels_got_meanwhile(
     original = broker.history
     injected = False
 
-    async def history(channels: list[str], after: Any, limit: int, max_bytes: int) -> Any:
+    async def history(
+        channels: list[str], after: Any, limit: int, max_bytes: int, not_before: Any = None
+    ) -> Any:
         nonlocal injected
         if not injected and list(channels) == [c]:
             injected = True
             await broker.publish(a, b"on a during the catch-up")
             await asyncio.sleep(0.2)  # it arrives live: held
             await broker.publish(c, b"on c before the read")
-        return await original(channels, after, limit, max_bytes)
+        return await original(channels, after, limit, max_bytes, not_before)
 
     monkeypatch.setattr(broker, "history", history)
     await broker.grant("1", [c], b"granted c")
@@ -491,3 +493,39 @@ async def test_closing_an_idle_link_forgets_only_what_that_link_owed(
         assert broker.ready
     finally:
         await broker.close()
+
+
+async def test_a_message_published_after_a_grant_in_another_group_is_not_lost(
+    clean: ClusterTopology, service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """User 1 is granted c, then m is published on c. c's sequence group is not the
+    notice's, and the process hears m first (another user reads c; the notice's link
+    lags): m is still delivered to user 1, once."""
+    broker = service.broker
+    notice_group = channel_group("user:1", 3)
+    a = next(f"room:{n}" for n in range(99) if channel_group(f"room:{n}", 3) == notice_group)
+    c = next(f"room:{n}" for n in range(99) if channel_group(f"room:{n}", 3) != notice_group)
+    await broker.grant("1", [a], b"granted a")
+    await broker.grant("2", [c], b"granted c")
+    one = await connect_ok(service, "1")
+    await connect_ok(service, "2")  # so the process hears c
+    original = broker._on_shard_message
+    lagging: list[tuple[bytes, bytes]] = []
+
+    def on_shard_message(name: bytes, payload: bytes) -> None:
+        if name.endswith(b":seq user:1") and not lagging:
+            lagging.append((name, payload))  # the notice's link lags ...
+            return
+        original(name, payload)
+        if name.endswith(b":seq " + c.encode()) and lagging:
+            original(*lagging.pop())  # ... behind m
+
+    monkeypatch.setattr(broker, "_on_shard_message", on_shard_message)
+    await broker.grant("1", [c], b"granted c to 1")
+    await broker.publish(c, b"m, after the grant")
+    assert await one.messages_until("m, after the grant") == [
+        "granted c to 1",
+        "m, after the grant",
+    ]
+    await broker.publish(a, b"later")
+    assert (await one.next_message()).data == "later"

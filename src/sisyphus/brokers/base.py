@@ -121,10 +121,17 @@ class Broker(Protocol):
     async def position(self) -> Position: ...
 
     async def history(
-        self, channels: Iterable[str], after: Seqs, limit: int, max_bytes: int
+        self,
+        channels: Iterable[str],
+        after: Seqs,
+        limit: int,
+        max_bytes: int,
+        not_before: int | None = None,
     ) -> list[ChannelHistory]:
         """Per channel, the retained messages with a seq above ``after`` (in the
-        channel's group).
+        channel's group). With several groups and ``not_before`` (Unix seconds), each
+        group's read starts no later than its first message published at or after
+        ``not_before``; with one group ``after`` is exact and ``not_before`` unused.
 
         Bounded work: once more than ``limit`` messages, or more than ``max_bytes``
         payload bytes, are found over all channels, reading stops and the answer is

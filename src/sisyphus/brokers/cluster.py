@@ -36,6 +36,7 @@ from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_me
 from sisyphus.brokers.lua import (
     HISTORY_SCRIPT,
     POSITION_SCRIPT,
+    REWIND_SCRIPT,
     KeyLayout,
     parse_envelope,
     publish_call,
@@ -801,7 +802,12 @@ class ClusterBroker:
         return await self._read_position()
 
     async def history(
-        self, channels: Iterable[str], after: Seqs, limit: int, max_bytes: int
+        self,
+        channels: Iterable[str],
+        after: Seqs,
+        limit: int,
+        max_bytes: int,
+        not_before: int | None = None,
     ) -> list[ChannelHistory]:
         by_group: dict[int, list[str]] = {}
         for channel in channels:
@@ -809,7 +815,7 @@ class ClusterBroker:
         # Each group's read is bounded as a whole replay would be; the merged replay is
         # bounded again by the caller.
         answers = await asyncio.gather(
-            *(self._group_history(g, group_channels, after[g], limit, max_bytes)
+            *(self._group_history(g, group_channels, after[g], limit, max_bytes, not_before)
               for g, group_channels in by_group.items())
         )  # fmt: skip
         if any(answer is OVER_BUDGET for answer in answers):
@@ -817,9 +823,20 @@ class ClusterBroker:
         return [history for answer in answers for history in answer]
 
     async def _group_history(
-        self, group: int, channels: list[str], after: int, limit: int, max_bytes: int
+        self,
+        group: int,
+        channels: list[str],
+        after: int,
+        limit: int,
+        max_bytes: int,
+        not_before: int | None,
     ) -> list[ChannelHistory]:
         layout = self._layouts[group]
+        if not_before is not None:
+            rewound = await self._script(
+                group, REWIND_SCRIPT, [layout.timeline_key, layout.sequence_key], [not_before]
+            )
+            after = min(after, int(rewound))
         keys = [layout.sequence_key, *(layout.history_key(channel) for channel in channels)]
         reply = await self._script(group, HISTORY_SCRIPT, keys, [after, limit, max_bytes])
         if not reply:

@@ -155,6 +155,16 @@ local oldest = first[1] or tostring(tonumber(seq) + 1)
 return {epoch, seq, oldest}
 """
 
+# The last seq published before ARGV[1] (Unix seconds), from the timeline (the first seq
+# of every second that saw a publish): a group's read back to a moment, not a seq.
+REWIND_SCRIPT = """
+local first = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'LIMIT', 0, 1)
+if first[1] then
+  return tonumber(first[1]) - 1
+end
+return tonumber(redis.call('GET', KEYS[2]) or '0')
+"""
+
 # Per channel: whether a message after the position was trimmed (the first retained
 # entry's `v` names the one before it on the same channel), and the retained entries
 # after it. The work is bounded over all channels: once more than

@@ -131,7 +131,12 @@ class MemoryBroker:
         )
 
     async def history(
-        self, channels: Iterable[str], after_seqs: Seqs, limit: int, max_bytes: int
+        self,
+        channels: Iterable[str],
+        after_seqs: Seqs,
+        limit: int,
+        max_bytes: int,
+        not_before: int | None = None,  # one group: ``after_seqs`` is exact
     ) -> list[ChannelHistory]:
         (after,) = after_seqs
         if after >= self._seq:

@@ -864,7 +864,12 @@ class RedisBroker:
         return Position(epoch.decode(), (int(seq or 0),), (int(seq or 0) + 1,))
 
     async def history(
-        self, channels: Iterable[str], after_seqs: Seqs, limit: int, max_bytes: int
+        self,
+        channels: Iterable[str],
+        after_seqs: Seqs,
+        limit: int,
+        max_bytes: int,
+        not_before: int | None = None,  # one group: ``after_seqs`` is exact
     ) -> list[ChannelHistory]:
         (after,) = after_seqs
         channels = list(channels)

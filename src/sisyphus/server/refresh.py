@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Set
+import time
+from collections.abc import Callable, Coroutine, Set
 from typing import Any
 
 from sisyphus.brokers.base import Broker
@@ -30,7 +31,7 @@ from sisyphus.config import Settings
 from sisyphus.errors import BrokerUnavailable
 from sisyphus.hub.hub import Hub
 from sisyphus.hub.states import State
-from sisyphus.hub.subscriber import Subscriber
+from sisyphus.hub.subscriber import Held, Subscriber
 from sisyphus.metrics import Metrics
 from sisyphus.protocol import sse
 from sisyphus.protocol.names import user_channel
@@ -88,6 +89,25 @@ def _unchanged(
     return known if size == len(known) and members <= known else None
 
 
+# Seconds before a notice's arrival from which a newly readable channel of another
+# sequence group is read again: covers the clocks of Redis primaries and of this host
+# disagreeing, and the notice's way here.
+GROUPS_CLOCK_MARGIN = 2
+
+
+def _early(entries: list[HistoryEntry], after: Seqs, held: list[Held]) -> list[Held]:
+    """Several groups: the catch-up's messages at or before ``after`` (in their group),
+    that the stream did not hold either, as plain messages (they repeat its id)."""
+    if len(after) == 1:
+        return []
+    held_keys = {(m.group, m.seq) for m in held if m.seq is not None}
+    return [
+        Held(b"", None, e.channel, e.payload, after, e.group, e.time)
+        for e in entries
+        if e.seq <= after[e.group] and (e.group, e.seq) not in held_keys
+    ]
+
+
 def _seqs_in(epoch: str, event_id: bytes, groups: int) -> Seqs:
     """The position of ``event_id`` if it is of ``epoch``, else zeros (it says nothing
     of this one)."""
@@ -109,8 +129,10 @@ class Refresher:
         metrics: Metrics,
         lifecycle: Lifecycle,
         loop: asyncio.AbstractEventLoop,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        self._wall_clock = wall_clock
         self._broker = broker
         self._hub = hub
         self._metrics = metrics
@@ -119,6 +141,10 @@ class Refresher:
         self._refreshing: set[str] = set()
         self._again: set[str] = set()
         self._since: dict[str, Seqs] = {}
+        # With several sequence groups: when (wall clock) each user's next pass's first
+        # notice arrived, and the same for the pass under way (see _catch_up).
+        self._since_time: dict[str, int] = {}
+        self._pass_time: dict[str, int] = {}
         # Users whose next pass is due: one task reads all their sets together.
         self._queued: list[str] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -156,6 +182,8 @@ class Refresher:
         """The user's next pass starts at ``position`` or before (the earliest asked)."""
         since = self._since.get(user_id)
         self._since[user_id] = position if since is None else earlier_of(since, position)
+        now = int(self._wall_clock())
+        self._since_time[user_id] = min(self._since_time.get(user_id, now), now)
 
     def _apply_now(self, user_id: str) -> bool:
         """The refresh done in the notice's own step, when it can be: True if it was.
@@ -219,6 +247,7 @@ class Refresher:
         for user_id in users:
             self._again.discard(user_id)
             since = self._since.pop(user_id, self._hub.delivered)
+            self._pass_time[user_id] = self._since_time.pop(user_id, int(self._wall_clock()))
             catches = self._held_streams(user_id)
             if catches:
                 passes.append((user_id, since, catches))
@@ -282,6 +311,8 @@ class Refresher:
         self._refreshing.discard(user_id)
         self._again.discard(user_id)
         self._since.pop(user_id, None)
+        self._since_time.pop(user_id, None)
+        self._pass_time.pop(user_id, None)
         for sub in self._hub.streams_of(user_id):
             if sub.state is State.CATCHING_UP:
                 # Only reached after a failure: the client resumes by id instead.
@@ -337,8 +368,15 @@ class Refresher:
         try:
             async with asyncio.timeout(self._settings.broker_timeout):
                 await self._broker.wait_subscribed(added_all)
+                # With several groups, "published after the notice" is known exactly in
+                # the notice's group only: in the others, what the process heard before
+                # the notice may have been published after it. Read those from a little
+                # before the notice's arrival instead (see _release for their ids).
+                not_before = None
+                if len(since) > 1:
+                    not_before = self._pass_time.get(user_id, 0) - GROUPS_CLOCK_MARGIN
                 missed = await replay.read_replay(
-                    self._broker, self._settings, self._hub.epoch, added_all, since
+                    self._broker, self._settings, self._hub.epoch, added_all, since, not_before
                 )
                 if missed.entries:
                     await self._broker.barrier()  # as in the handshake: tell held from replayed
@@ -377,16 +415,18 @@ class Refresher:
                 # The pass starts at its first notice, but a stream may already be past
                 # it (released by an earlier pass): nothing at or before its own id.
                 after = later_of(since, _seqs_in(epoch, sub.last_id, len(since)))
-                entries = sorted(
-                    (e for e in catch.entries.values() if e.seq > after[e.group]),
-                    key=lambda e: (e.group, e.seq),
-                )
+                entries = sorted(catch.entries.values(), key=lambda e: (e.group, e.seq))
+                # With several groups, a newly readable channel's messages at or before
+                # the stream's position may be new to it (see _catch_up): they go first,
+                # under the id it holds, as a plain message does (never moving it).
+                early = _early(entries, after, sub.held)
+                entries = [e for e in entries if e.seq > after[e.group]]
                 # Notices that arrived after the read began: the rights it returned may
                 # predate them. Everything up to the first of them (the notice itself is
                 # always readable) is released under this pass's rights; what follows
                 # waits for the next pass, whose read comes after that notice.
                 unsure = {id(m) for m in sub.held[catch.covered :] if m.channel == own}
-                messages = replay.merge(epoch, entries, sub.held, after)
+                messages = early + replay.merge(epoch, entries, sub.held, after)
                 notice = next(
                     (i for i, message in enumerate(messages) if id(message) in unsure), None
                 )

@@ -38,16 +38,22 @@ def frames(
 
 
 async def read_replay(
-    broker: Broker, settings: Settings, epoch: str, channels: Iterable[str], after: Seqs
+    broker: Broker,
+    settings: Settings,
+    epoch: str,
+    channels: Iterable[str],
+    after: Seqs,
+    not_before: int | None = None,
 ) -> Replay:
-    """The retained messages after ``after`` on ``channels``, or why to reset instead.
+    """The retained messages after ``after`` on ``channels``, or why to reset instead
+    (``not_before``: see :meth:`Broker.history`).
 
     The replay is the stream's first write, so it is held to the stream's unsent
     bound too: at most ``min(--replay-max-bytes, --max-unsent-bytes)`` wire bytes.
     """
     limit = settings.replay_max_messages
     max_bytes = min(settings.replay_max_bytes, settings.max_unsent_bytes)
-    histories = await broker.history(channels, after, limit, max_bytes)
+    histories = await broker.history(channels, after, limit, max_bytes, not_before)
     return plan_replay(histories, epoch, limit, max_bytes, after)
 
 

@@ -119,7 +119,7 @@ class Streams:
         self._wall_clock = wall_clock
         self.max_connections = settings.max_connections or default_max_connections()
         self.lifecycle = Lifecycle(settings, hub, metrics, wall_clock)
-        self.refresher = Refresher(settings, broker, hub, metrics, self.lifecycle, loop)
+        self.refresher = Refresher(settings, broker, hub, metrics, self.lifecycle, loop, wall_clock)
         self._dev_warned_at = -DEV_MODE_WARNING_INTERVAL
         # Set when a stop begins: from then on every new stream, on any connection, is
         # refused with the shutdown's reconnect hint.
