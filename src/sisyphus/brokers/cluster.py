@@ -38,11 +38,20 @@ from sisyphus.brokers.lua import (
     POSITION_SCRIPT,
     REWIND_SCRIPT,
     KeyLayout,
+    history_reply,
     parse_envelope,
     publish_call,
 )
 from sisyphus.brokers.memory import new_epoch
-from sisyphus.brokers.redis_link import CommandLink, LinkError, ReplyError, RespProtocol, open_link
+from sisyphus.brokers.redis_link import (
+    CommandLink,
+    LinkError,
+    ReplyError,
+    RespProtocol,
+    decode_members,
+    open_link,
+    retrieve,
+)
 from sisyphus.brokers.slots import Address, SlotMap, discover, redirect_of
 from sisyphus.brokers.topology import parse_broker_url
 from sisyphus.errors import BrokerUnavailable
@@ -51,7 +60,6 @@ from sisyphus.protocol.resume import (
     OVER_BUDGET,
     ChannelHistory,
     EventId,
-    HistoryEntry,
     Seqs,
     channel_group,
     history_name,
@@ -74,22 +82,6 @@ def _busy(error: ReplyError) -> bool:
     """A refusal that passes by itself: a multi-key command during a slot's migration,
     or a cluster that is electing a new primary."""
     return str(error).startswith(("TRYAGAIN", "CLUSTERDOWN"))
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _members(reply: list[bytes]) -> set[str] | None:
-    return {member.decode("utf-8", "replace") for member in reply} if reply else None
-
-
-def _history_entry(channel: str, entry_id: bytes, fields: list[bytes], group: int) -> HistoryEntry:
-    values = dict(zip(fields[::2], fields[1::2], strict=True))
-    return HistoryEntry(
-        int(entry_id.split(b"-")[0]), channel, values[b"p"], int(values.get(b"t", b"0")), group
-    )
 
 
 class _ShardLink(RespProtocol):
@@ -249,7 +241,7 @@ class ClusterBroker:
                 self._lose(f"{link.address[0]}:{link.address[1]} stopped answering")
                 break
             if ping and not link.pending:
-                link.request("PING").add_done_callback(_retrieve)
+                link.request("PING").add_done_callback(retrieve)
         for command_link in (*self._sequences, *self._commands.values()):
             command_link.check(now)
             command_link.ping(now, self._ping_interval)
@@ -763,7 +755,7 @@ class ClusterBroker:
                 raise BrokerUnavailable(f"redis refused a command: {exc}") from None
             log.warning("%s is not a SET: user=%s treated as unknown", key, user_id)
             return None
-        return _members(reply)
+        return decode_members(reply)
 
     async def snapshot(self, user_id: str) -> tuple[Set[str] | None, Position]:
         # The position first, then the set: a grant between the two reads is then
@@ -839,19 +831,7 @@ class ClusterBroker:
             after = min(after, int(rewound))
         keys = [layout.sequence_key, *(layout.history_key(channel) for channel in channels)]
         reply = await self._script(group, HISTORY_SCRIPT, keys, [after, limit, max_bytes])
-        if not reply:
-            return []
-        if reply[0] == 1:
-            return OVER_BUDGET
-        if reply[0] == 2:
-            return [ChannelHistory([], trimmed=True)]
-        return [
-            ChannelHistory(
-                [_history_entry(channel, entry_id, fields, group) for entry_id, fields in entries],
-                trimmed=False,
-            )
-            for channel, entries in zip(channels, reply[1:], strict=True)
-        ]
+        return history_reply(channels, reply, group)
 
     async def publish(self, channel: str, payload: bytes) -> EventId:
         return await self._sequenced(channel, payload)

@@ -16,8 +16,10 @@ keeps it apart from every channel a user can read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sisyphus.protocol.names import channels_key
+from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, HistoryEntry
 
 EPOCH_KEY = "sisyphus:epoch"
 SEQUENCE_KEY = "sisyphus:seq"
@@ -275,3 +277,25 @@ def parse_envelope(payload: bytes) -> tuple[bytes, int, int, bytes] | None:
     if not (0 < len(seq) <= 19 and seq.isdigit() and 0 < len(time) <= 12 and time.isdigit()):
         return None
     return epoch, int(seq), int(time), payload[end + 1 :]
+
+
+def history_reply(channels: list[str], reply: list[Any], group: int = 0) -> list[ChannelHistory]:
+    """:data:`HISTORY_SCRIPT`'s answer for ``channels`` (of one sequence group)."""
+    if not reply:
+        return []  # nothing published since the position
+    if reply[0] == 1:
+        return OVER_BUDGET
+    if reply[0] == 2:
+        return [ChannelHistory([], trimmed=True)]
+    return [
+        ChannelHistory([_entry(channel, entry_id, fields, group) for entry_id, fields in entries],
+                       trimmed=False)
+        for channel, entries in zip(channels, reply[1:], strict=True)
+    ]  # fmt: skip
+
+
+def _entry(channel: str, entry_id: bytes, fields: list[bytes], group: int) -> HistoryEntry:
+    """An XRANGE entry as the script returns it: id ``<seq>-0``, fields ``p`` and ``t``."""
+    values = dict(zip(fields[::2], fields[1::2], strict=True))
+    seq = int(entry_id.split(b"-")[0])
+    return HistoryEntry(seq, channel, values[b"p"], int(values.get(b"t", b"0")), group)

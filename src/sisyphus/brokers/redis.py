@@ -34,6 +34,7 @@ from sisyphus.brokers.lua import (
     SEQUENCED_PREFIX_BYTES,
     SNAPSHOT_SCRIPT,
     TIMELINE_KEY,
+    history_reply,
     parse_envelope,
     publish_call,
     sequenced_channel,
@@ -44,7 +45,9 @@ from sisyphus.brokers.redis_link import (
     LinkError,
     ReplyError,
     RespProtocol,
+    decode_members,
     open_link,
+    retrieve,
 )
 from sisyphus.brokers.topology import ask_sentinels, locate, parse_broker_url
 from sisyphus.errors import BrokerUnavailable
@@ -55,7 +58,7 @@ from sisyphus.protocol.names import (
     user_channel,
     user_of_channels_key,
 )
-from sisyphus.protocol.resume import OVER_BUDGET, ChannelHistory, EventId, HistoryEntry, Seqs
+from sisyphus.protocol.resume import ChannelHistory, EventId, Seqs
 
 log = logging.getLogger("sisyphus.redis")
 
@@ -66,14 +69,6 @@ SUBSCRIBE_BATCH = 1000
 # Command connections (sets, history, publish) per process, beside the one pub/sub link:
 # one pipelined link carries them all.
 COMMAND_CONNECTIONS = 1
-
-
-def _history_entry(channel: str, entry_id: bytes, fields: list[bytes]) -> HistoryEntry:
-    """An XRANGE entry as the script returns it: id ``<seq>-0``, fields ``p`` and ``t``."""
-    values = dict(zip(fields[::2], fields[1::2], strict=True))
-    return HistoryEntry(
-        int(entry_id.split(b"-")[0]), channel, values[b"p"], int(values.get(b"t", b"0"))
-    )
 
 
 # What the server pushes in RESP3 (messages, confirmations, invalidations), as parsed.
@@ -175,7 +170,7 @@ class _PubSubProtocol(RespProtocol):
         """Read a user's set here (its time to live first): the future gets the set,
         ``None`` for an unknown user, or the error of a key of another type."""
         ttl = self.request("PTTL", channels_key(user_id))
-        ttl.add_done_callback(_retrieve)  # read in answer(), as it is parsed
+        ttl.add_done_callback(retrieve)  # read in answer(), as it is parsed
         self.reads[ttl] = (user_id, True)
         future = self.request("SMEMBERS", channels_key(user_id))
         self.reads[future] = (user_id, False)
@@ -186,18 +181,6 @@ class _PubSubProtocol(RespProtocol):
         self._between = None
         super().connection_lost(exc)
         self._broker._on_pubsub_lost(self)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """A health PING's outcome is read by the tick, not here: mark it retrieved."""
-    if not future.cancelled():
-        future.exception()
-
-
-def _members(reply: list[bytes]) -> set[str] | None:
-    """A SMEMBERS reply as channel names; ``None`` for none (Redis deletes empty sets:
-    an unknown user)."""
-    return {member.decode("utf-8", "replace") for member in reply} if reply else None
 
 
 def _not_a_set(user_id: str) -> None:
@@ -337,7 +320,7 @@ class RedisBroker:
                 link.abort()
             elif not link.pending and now - self._last_ping >= self._ping_interval:
                 self._last_ping = now
-                link.request("PING").add_done_callback(_retrieve)
+                link.request("PING").add_done_callback(retrieve)
         self._commands.check(now)
         self._commands.ping(now, self._ping_interval)
         if not self._commands.healthy and self._probe is None and not self._closing:
@@ -553,7 +536,7 @@ class RedisBroker:
             if channel.startswith(USER_CHANNEL_PREFIX):
                 user_id = channel[len(USER_CHANNEL_PREFIX) :]
                 if user_id not in self._tracked:
-                    link.read_set(user_id).add_done_callback(_retrieve)
+                    link.read_set(user_id).add_done_callback(retrieve)
 
     def unsubscribe(self, channels: list[str]) -> None:
         if self._linger > 0:
@@ -681,7 +664,7 @@ class RedisBroker:
         invalidates it, if ``keep`` (it has no time to live) and a notice may still ask
         for it (``user:<id>`` is subscribed). An empty set is an unknown user."""
         self._tracked.pop(user_id, None)
-        channels = _members(members)
+        channels = decode_members(members)
         heard = link is self._link and user_channel(user_id) in self._wanted
         if channels is not None and keep and heard:
             self._tracked[user_id] = channels
@@ -794,7 +777,7 @@ class RedisBroker:
                 _not_a_set(user_id)
                 channels = None
             else:
-                channels = _members(reply)
+                channels = decode_members(reply)
             sets.append(self._hand_out(user_id, channels, mark, notices))
         return sets
 
@@ -825,7 +808,7 @@ class RedisBroker:
                 sets.append(self._hand_out(user_id, channels, mark, notices))
         except BaseException as exc:
             for future in futures:
-                future.add_done_callback(_retrieve)  # the rest fail with the link: unread
+                future.add_done_callback(retrieve)  # the rest fail with the link: unread
             if isinstance(exc, LinkError):
                 raise BrokerUnavailable(f"redis pub/sub: {exc}") from None
             raise
@@ -845,7 +828,7 @@ class RedisBroker:
             self._known = position
         if kind not in (b"set", b"none"):
             _not_a_set(user_id)
-        channels = _members(members)
+        channels = decode_members(members)
         if channels is not None:
             self._remember(user_id, channels, confirmations, notices)
         return channels, position
@@ -877,19 +860,7 @@ class RedisBroker:
         reply = await self._call(
             self._commands.script(HISTORY_SCRIPT, keys, [after, limit, max_bytes])
         )
-        if not reply:
-            return []  # nothing published since the position
-        if reply[0] == 1:
-            return OVER_BUDGET
-        if reply[0] == 2:
-            return [ChannelHistory([], trimmed=True)]
-        return [
-            ChannelHistory(
-                [_history_entry(channel, entry_id, fields) for entry_id, fields in entries],
-                trimmed=False,
-            )
-            for channel, entries in zip(channels, reply[1:], strict=True)
-        ]
+        return history_reply(channels, reply)
 
     async def publish(self, channel: str, payload: bytes) -> EventId:
         return await self._sequenced(channel, payload)

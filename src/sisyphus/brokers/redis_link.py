@@ -195,11 +195,17 @@ def _discard(protocol: RespProtocol | None, futures: list[asyncio.Future[Any]]) 
             future.cancel()
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
+def retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a reply read whatever it was: a health PING's outcome shows in the link's
     state, and the rest of a failed :meth:`CommandLink.call_all` fails with its link."""
     if not future.cancelled():
         future.exception()
+
+
+def decode_members(reply: list[bytes]) -> set[str] | None:
+    """A SMEMBERS reply as channel names; ``None`` for none (Redis deletes empty sets:
+    an unknown user)."""
+    return {member.decode("utf-8", "replace") for member in reply} if reply else None
 
 
 class CommandLink:
@@ -311,7 +317,7 @@ class CommandLink:
                         replies.append(exc)
         except BaseException as exc:
             for future in futures:
-                future.add_done_callback(_retrieve)  # the rest fail with the link: unread
+                future.add_done_callback(retrieve)  # the rest fail with the link: unread
             if isinstance(exc, TimeoutError):
                 protocol.abort()
                 raise LinkError(f"redis did not answer in {self._timeout} s") from None
@@ -325,7 +331,7 @@ class CommandLink:
             return
         if now - self._last_ping >= interval:
             self._last_ping = now
-            protocol.request("PING").add_done_callback(_retrieve)
+            protocol.request("PING").add_done_callback(retrieve)
 
     def check(self, now: float) -> None:
         """From the periodic tick: abort the link if a command waits past the timeout.
