@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import hiredis
 
-from sisyphus.brokers import backoff, failover, groups
+from sisyphus.brokers import backoff, failover, groups, subscriptions
 from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
 from sisyphus.brokers.lua import (
     HISTORY_SCRIPT,
@@ -515,10 +515,7 @@ class ClusterBroker:
 
     def _fail_waiters(self) -> None:
         waiters, self._waiters = self._waiters, {}
-        for future in [f for futures in waiters.values() for f in futures]:
-            if not future.done():
-                future.set_exception(BrokerUnavailable("redis cluster pub/sub connection lost"))
-                future.exception()
+        subscriptions.fail_all(waiters, "redis cluster pub/sub connection lost")
 
     def subscribe(self, channels: list[str]) -> None:
         lingering = self._lingering
@@ -541,13 +538,7 @@ class ClusterBroker:
         self._drop(channels)
 
     def _end_lingering(self, now: float) -> None:
-        ended = []
-        for channel, deadline in self._lingering.items():
-            if deadline > now:
-                break
-            ended.append(channel)
-        for channel in ended:
-            del self._lingering[channel]
+        ended = subscriptions.pop_expired(self._lingering, now)
         if ended:
             self._drop(ended)
 
@@ -557,9 +548,7 @@ class ClusterBroker:
         self._wanted.difference_update(names)
         for name in names:
             self._confirmed.pop(name, None)
-            for future in self._waiters.pop(name, ()):
-                if not future.done():
-                    future.set_result(None)
+            subscriptions.release(self._waiters, name)
             address = self._home.pop(name, None)
             link = self._links.get(address) if address is not None else None
             if link is not None:
@@ -585,9 +574,7 @@ class ClusterBroker:
             self._failures = 0  # a real round trip on the pub/sub side
             self._confirmations += 1
             self._confirmed[name] = self._confirmations
-            for future in self._waiters.pop(name, ()):
-                if not future.done():
-                    future.set_result(None)
+            subscriptions.release(self._waiters, name)
 
     def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:
         mark = position.confirmations
@@ -628,13 +615,7 @@ class ClusterBroker:
         if mark > 0:
             envelope = parse_envelope(payload)
             if envelope is None:
-                self.malformed += 1
-                if self.malformed & (self.malformed - 1) == 0:
-                    log.warning(
-                        "dropped %d malformed sequenced messages (latest on %r)",
-                        self.malformed,
-                        name,
-                    )
+                self.malformed = subscriptions.count_malformed(self.malformed, name)
                 return
             epoch, seq, time, body = envelope
             group = self._group_of_tag.get(name[: mark + 1])

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import hiredis
 
-from sisyphus.brokers import backoff, failover
+from sisyphus.brokers import backoff, failover, subscriptions
 from sisyphus.brokers.base import LostHandler, MessageHandler, Position, drop_message, ignore_loss
 from sisyphus.brokers.lua import (
     EPOCH_KEY,
@@ -500,10 +500,7 @@ class RedisBroker:
 
     def _fail_waiters(self) -> None:
         waiters, self._waiters = self._waiters, {}
-        for future in [f for futures in waiters.values() for f in futures]:
-            if not future.done():
-                future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
-                future.exception()  # retrieved: nobody may be waiting any more
+        subscriptions.fail_all(waiters, "redis pub/sub connection lost")
 
     # Subscriptions ---------------------------------------------------------
     def _send_subscriptions(self, verb: str, names: list[str]) -> None:
@@ -548,13 +545,7 @@ class RedisBroker:
         self._drop(_names(channels))
 
     def _end_lingering(self, now: float) -> None:
-        ended = []
-        for channel, deadline in self._lingering.items():
-            if deadline > now:
-                break
-            ended.append(channel)
-        for channel in ended:
-            del self._lingering[channel]
+        ended = subscriptions.pop_expired(self._lingering, now)
         if ended:
             self._drop(_names(ended))
 
@@ -570,9 +561,7 @@ class RedisBroker:
                 self._tracked.pop(user_id, None)  # no notice will ask for it
             # Nobody reads it any more: whoever waited for its confirmation (a refresh
             # whose stream closed) waits no longer; it will never come.
-            for future in self._waiters.pop(name, ()):
-                if not future.done():
-                    future.set_result(None)
+            subscriptions.release(self._waiters, name)
         self._send_subscriptions("UNSUBSCRIBE", names)
 
     def confirmed_before(self, channels: Iterable[str], position: Position) -> bool:
@@ -620,7 +609,7 @@ class RedisBroker:
         if name.startswith(SEQUENCED_PREFIX_BYTES):
             envelope = parse_envelope(payload)
             if envelope is None:
-                self._drop_malformed(name)
+                self.malformed = subscriptions.count_malformed(self.malformed, name)
                 return
             epoch, seq, time, body = envelope
             channel = name[len(SEQUENCED_PREFIX_BYTES) :].decode("utf-8", "replace")
@@ -670,13 +659,6 @@ class RedisBroker:
             self._tracked[user_id] = channels
         return channels
 
-    def _drop_malformed(self, name: bytes) -> None:
-        self.malformed += 1
-        if self.malformed & (self.malformed - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...
-            log.warning(
-                "dropped %d malformed sequenced messages (latest on %r)", self.malformed, name
-            )
-
     def _on_confirmation(self, kind: bytes, name: str) -> None:
         left = self._outstanding.get(name, 0) - 1
         if left > 0:
@@ -686,9 +668,7 @@ class RedisBroker:
         if kind == b"subscribe" and name in self._wanted:
             self._confirmations += 1
             self._confirmed[name] = self._confirmations
-            for future in self._waiters.pop(name, ()):
-                if not future.done():
-                    future.set_result(None)
+            subscriptions.release(self._waiters, name)
 
     # Commands --------------------------------------------------------------
     async def _call(self, awaitable: Awaitable[T]) -> T:

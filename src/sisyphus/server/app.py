@@ -53,17 +53,9 @@ MAX_TICK_SECONDS = 1.0
 
 
 def make_broker(settings: Settings, wall_clock: Callable[[], float] = time.time) -> Broker:
-    if settings.redis_url and parse_broker_url(settings.redis_url).uses_cluster:
-        return ClusterBroker(
-            settings.redis_url,
-            timeout=settings.broker_timeout,
-            history_size=settings.history_size,
-            history_max_age=settings.history_max_age,
-            ping_interval=settings.broker_ping_interval,
-            linger=settings.subscription_linger,
-        )
     if settings.redis_url:
-        return RedisBroker(
+        cluster = parse_broker_url(settings.redis_url).uses_cluster
+        return (ClusterBroker if cluster else RedisBroker)(
             settings.redis_url,
             timeout=settings.broker_timeout,
             history_size=settings.history_size,
