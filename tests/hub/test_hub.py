@@ -143,6 +143,24 @@ def test_dispatch_writes_one_encoded_frame_to_every_listener(world: World) -> No
     assert all(w[0] is first for w in written)
 
 
+def test_a_broadcast_writes_to_streams_in_the_order_they_subscribed(world: World) -> None:
+    """Writes go out in the order streams subscribed (the order their sockets were
+    opened), not in an order of memory addresses, which made a broadcast's p99 markedly
+    slower (docs/performance.md)."""
+    order: list[int] = []
+    streams = []
+    for i in range(300):
+        sub, transport = world.live(["room:1"], user_id=str(i))
+        transport.write = lambda data, i=i: order.append(i)  # type: ignore[method-assign]
+        streams.append(sub)
+    world.hub.remove(streams[7])  # a stream that closed, and a new one opened since
+    _, transport = world.live(["room:1"], user_id="300")
+    transport.write = lambda data: order.append(300)  # type: ignore[method-assign]
+    world.hub.dispatch("room:1", b"hello", seq=5, epoch=b"ep", time=1700)
+    world.run_loop()
+    assert order == [i for i in range(301) if i != 7]
+
+
 def test_dispatch_encodes_once(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """However many listeners a channel has, the event is encoded once."""
     calls: list[bytes] = []

@@ -23,6 +23,9 @@ from sisyphus.protocol.resume import EventId, Seqs, channel_group, history_name,
 
 log = logging.getLogger("sisyphus.hub")
 
+# A channel's listeners: an insertion-ordered set (the values are unused).
+Listeners = dict[Subscriber, None]
+
 
 class SubscriptionSink(Protocol):
     """The part of a broker the hub drives: it must not block."""
@@ -56,7 +59,11 @@ class Hub:
         self._clock = clock
         self._metrics = metrics
         self._on_user_message = on_user_message
-        self._channels: dict[str, set[Subscriber]] = {}
+        # Each channel's listeners in the order they subscribed (a dict as an ordered
+        # set): a broadcast writes to sockets in the order they connected, which walks the
+        # kernel's socket memory in allocation order. A set's order (by address hash)
+        # made the same broadcast's p99 about 1.4x slower (docs/performance.md).
+        self._channels: dict[str, Listeners] = {}
         self._users: dict[str, set[Subscriber]] = {}
         self._stream_count = 0
         self._dirty: list[Subscriber] = []
@@ -168,15 +175,15 @@ class Hub:
         for channel in wanted - sub.channels:
             listeners = self._channels.get(channel)
             if listeners is None:
-                self._channels[channel] = {sub}
+                self._channels[channel] = {sub: None}
                 first.append(channel)
             else:
-                listeners.add(sub)
+                listeners[sub] = None
         for channel in sub.channels - wanted:
             listeners = self._channels.get(channel)
             if listeners is None:
                 continue
-            listeners.discard(sub)
+            listeners.pop(sub, None)
             if not listeners:
                 del self._channels[channel]
                 last.append(channel)
@@ -266,7 +273,7 @@ class Hub:
                 log.exception("rights refresh failed to start user=%s", user_id)
 
     def _fan_out_sequenced(
-        self, listeners: set[Subscriber], channel: str, payload: bytes, seq: int, time: int
+        self, listeners: Listeners, channel: str, payload: bytes, seq: int, time: int
     ) -> None:
         """The hot path: one frame, the same bytes queued for every live listener."""
         event_id = b"%s-%d-%d" % (self._epoch, seq, time)
@@ -299,7 +306,7 @@ class Hub:
 
     def _fan_out_grouped(
         self,
-        listeners: set[Subscriber],
+        listeners: Listeners,
         channel: str,
         payload: bytes,
         seq: int,
@@ -350,7 +357,7 @@ class Hub:
                 if len(held) > self._max_held:
                     self._overflowing.append(sub)
 
-    def _fan_out_plain(self, listeners: set[Subscriber], channel: str, payload: bytes) -> None:
+    def _fan_out_plain(self, listeners: Listeners, channel: str, payload: bytes) -> None:
         """A plain PUBLISH: each stream's own id, the frame encoded once per distinct id."""
         frames: dict[bytes, bytes] = {}
         json_frames: dict[bytes, bytes] = {}
