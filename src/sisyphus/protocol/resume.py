@@ -63,7 +63,10 @@ class EventId(NamedTuple):
     time: int
 
     def encode(self) -> bytes:
-        return f"{self.epoch}-{seqs_text(self.seqs)}-{self.time}".encode()  # ASCII
+        seqs = self.seqs
+        if len(seqs) == 1:
+            return f"{self.epoch}-{seqs[0]}-{self.time}".encode()  # ASCII
+        return f"{self.epoch}-{seqs_text(seqs)}-{self.time}".encode()
 
 
 def seqs_text(seqs: Seqs) -> str:
@@ -95,6 +98,8 @@ def channel_group(channel: str, groups: int) -> int:
 
 def at_or_before(first: Seqs, second: Seqs) -> bool:
     """Every group of ``first`` at or before the same group of ``second``."""
+    if len(first) == 1 == len(second):
+        return first[0] <= second[0]  # one group (all but a cluster): every connect asks
     return all(a <= b for a, b in zip(first, second, strict=True))
 
 
