@@ -83,16 +83,9 @@ class HttpConnection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         settings = self._service.settings
         self._reader = http.RequestReader(settings.max_head_bytes, settings.max_message_bytes)
+        peer = self.transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) else None
         self._await_request()
-
-    @property
-    def _peer_address(self) -> str | None:
-        """The client's address, looked up when first needed (API requests and logs):
-        a stream never needs it, and the lookup is two system calls per connection."""
-        if self._peer is None and self.transport is not None:
-            peer = self.transport.get_extra_info("peername")
-            self._peer = peer[0] if isinstance(peer, tuple) else None
-        return self._peer
 
     def _await_request(self) -> None:
         """Start the clock on the next request head (the periodic sweep enforces it)."""
@@ -274,9 +267,9 @@ class HttpConnection(asyncio.Protocol):
         self._queue.clear()
         log.info(
             "bad request from %s: %s",
-            self._peer_address,
+            self._peer,
             message,
-            extra={"event": "bad request", "peer": self._peer_address, "reason": message},
+            extra={"event": "bad request", "peer": self._peer, "reason": message},
         )
         if self.transport is not None and not self.transport.is_closing():
             vary = self._service.cors.vary
@@ -328,7 +321,7 @@ class HttpConnection(asyncio.Protocol):
                 elif request.path in ops.ROUTES:
                     answer = service.ops.handle(request)
                 elif request.path in api.ROUTES:
-                    answer = await service.api.handle(request, self._peer_address)
+                    answer = await service.api.handle(request, self._peer)
                 elif request.path in static.ROUTES:
                     dev = service.settings.development_mode
                     answer = static.answer(request, service.cors, dev)
@@ -356,13 +349,9 @@ class HttpConnection(asyncio.Protocol):
                 service.metrics.bad_requests += 1
                 log.info(
                     "bad request from %s: %s",
-                    self._peer_address,
+                    self._peer,
                     reader.failure,
-                    extra={
-                        "event": "bad request",
-                        "peer": self._peer_address,
-                        "reason": reader.failure,
-                    },
+                    extra={"event": "bad request", "peer": self._peer, "reason": reader.failure},
                 )
                 failure = reader.failure
                 answers.append(
@@ -384,8 +373,8 @@ class HttpConnection(asyncio.Protocol):
         """The process never dies of a request: log it, answer 500 if nothing was sent."""
         log.exception(
             "request from %s failed",
-            self._peer_address,
-            extra={"event": "request failed", "peer": self._peer_address},
+            self._peer,
+            extra={"event": "request failed", "peer": self._peer},
         )
         if self.subscriber is None and not transport.is_closing():
             vary = self._service.cors.vary
