@@ -682,3 +682,13 @@ def test_an_upgrade_request_is_not_served_but_the_ones_before_it_are() -> None:
     assert reader.failure is not None and "upgrade" in str(reader.failure)
     with pytest.raises(PeerError):
         RequestReader(MAX_HEAD, MAX_BODY).feed(upgrade)
+
+
+def test_a_closed_reader_refuses_more_bytes() -> None:
+    """close() lets go of the parser (it refers back to the reader); a late feed is a clear
+    error, not a parse on a dead connection."""
+    reader = RequestReader(MAX_HEAD, MAX_BODY)
+    assert reader.feed(GET) == [GET_REQUEST]
+    reader.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        reader.feed(GET)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 
 import pytest
 
+from sisyphus.protocol.http import RequestReader
 from sisyphus.server.app import Service
 from tests.conftest import ServiceFactory, grant, publish
 from tests.server.test_api import raw_request
@@ -184,3 +186,33 @@ async def test_pipelining_client_that_never_reads_is_aborted_at_the_header_timeo
         assert service.handshakes == {}
     finally:
         sock.close()
+
+
+async def test_a_closed_connection_leaves_no_garbage_for_the_cyclic_collector(
+    service: Service,
+) -> None:
+    """Streams and API calls that came and went are freed as they end: a reconnect storm
+    leaves no pile of dead parsers that a collection pass would have to walk (and pause
+    every stream for)."""
+    await grant(service.port, "1", "room:1")
+    gc.collect()
+    gc.disable()
+    try:
+        before = sum(isinstance(o, RequestReader) for o in gc.get_objects())
+        for _ in range(20):
+            client = await SseClient.open(service.port, "user=1")
+            assert (await client.expect()).data == status("ok")
+            await client.close()
+            answer = await raw_request(
+                service.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert answer.startswith(b"HTTP/1.1 200 OK")
+        for _ in range(100):
+            if service.open_connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert service.open_connections == 0
+        after = sum(isinstance(o, RequestReader) for o in gc.get_objects())
+        assert after <= before, f"{after - before} request readers wait for the collector"
+    finally:
+        gc.enable()

@@ -71,7 +71,10 @@ class RequestReader:
     def __init__(self, max_head_bytes: int, max_body_bytes: int) -> None:
         self._max_head = max_head_bytes
         self._max_body = max_body_bytes
-        self._parser = httptools.HttpRequestParser(self)
+        # The parser holds this reader's callbacks, a reference cycle: close() breaks it,
+        # so that a connection's reader is freed when the connection lets go of it, not
+        # by a later pass of the cyclic collector.
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         # The request being parsed: its fields live here, not in an object per request
         # (a publisher sends tens of thousands a second).
         self._url = b""
@@ -108,12 +111,15 @@ class RequestReader:
         """
         if self.failure is not None:
             raise self.failure
+        parser = self._parser
+        if parser is None:
+            raise RuntimeError("the request reader is closed")
         was_in_head = self._in_head
         idle_before = not self._in_message
         self._began = False
         self._completed = 0
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             if self._completed:
                 self._done.pop()  # the request asking for the upgrade: it isn't served
@@ -138,12 +144,22 @@ class RequestReader:
         done, self._done = self._done, []
         return done
 
+    def close(self) -> None:
+        """Let go of the parser; the reader can't be fed again."""
+        self._parser = None
+
     def _fail(self, error: PeerError) -> None:
         self.failure = error
         if not self._done:
             raise error from None
 
     # httptools callbacks -------------------------------------------------
+    def _current_parser(self) -> httptools.HttpRequestParser:
+        parser = self._parser
+        if parser is None:  # callbacks run only inside feed(), which checked
+            raise RuntimeError("the request reader is closed")
+        return parser
+
     def _too_large(self, url: bool) -> None:
         status = (
             HTTPStatus.REQUEST_URI_TOO_LONG if url else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
@@ -197,7 +213,7 @@ class RequestReader:
                     HTTPStatus.EXPECTATION_FAILED, "the only supported expectation is 100-continue"
                 )
             # HTTP/1.0 clients don't know 100 Continue (RFC 9110 §10.1.1): they get none.
-            self.awaiting_continue = self._parser.get_http_version() == "1.1"
+            self.awaiting_continue = self._current_parser().get_http_version() == "1.1"
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -212,7 +228,8 @@ class RequestReader:
         self._in_message = False
         self.awaiting_continue = False  # the body is here: no 100 Continue needed any more
         self._completed += 1
-        version = self._parser.get_http_version()
+        parser = self._current_parser()
+        version = parser.get_http_version()
         if version not in ("1.0", "1.1"):
             # llhttp reads a request line without a version as HTTP/0.9; we speak 1.x only.
             raise PeerError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"HTTP/{version} not supported")
@@ -230,12 +247,12 @@ class RequestReader:
         body, self._body, self._headers = self._body, [], []  # not kept until the next request
         self._done.append(
             Request(
-                method=self._parser.get_method().decode("ascii"),
+                method=parser.get_method().decode("ascii"),
                 path=path,
                 query=query,
                 headers=headers,
                 body=b"".join(body),
-                keep_alive=self._parser.should_keep_alive(),
+                keep_alive=parser.should_keep_alive(),
                 http_version=version,
             )
         )

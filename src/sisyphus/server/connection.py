@@ -99,7 +99,7 @@ class HttpConnection(asyncio.Protocol):
         to read them, maybe forever.
         """
         self._service.handshakes.pop(self, None)
-        self._reader = None
+        self._drop_reader()
         self._queue.clear()
         transport = self.transport
         if transport is None:
@@ -164,6 +164,11 @@ class HttpConnection(asyncio.Protocol):
             self._reading_paused = False
             if not transport.is_closing():
                 transport.resume_reading()
+
+    def _drop_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()  # frees it now: its parser refers back to it
 
     def _send_continue(self, reader: http.RequestReader) -> None:
         """Ask for the body of a request that expects ``100 Continue``, once it is next."""
@@ -245,7 +250,7 @@ class HttpConnection(asyncio.Protocol):
         return True
 
     def _become_stream(self) -> None:
-        self._reader = None  # the connection is a stream from now on
+        self._drop_reader()  # the connection is a stream from now on
         self._queue.clear()
         self._unread = b""
         self._resume_reading()  # a stream notices its peer's close by reading
@@ -263,7 +268,7 @@ class HttpConnection(asyncio.Protocol):
     def _reject(self, status: HTTPStatus, message: str) -> None:
         self._service.metrics.bad_requests += 1
         self._service.handshakes.pop(self, None)
-        self._reader = None
+        self._drop_reader()
         self._queue.clear()
         log.info(
             "bad request from %s: %s",
@@ -386,7 +391,7 @@ class HttpConnection(asyncio.Protocol):
         if not self._service.open_connections:
             self._service.no_connections.set()
         self._service.handshakes.pop(self, None)
-        self._reader = None
+        self._drop_reader()
         self._queue.clear()
         if self.subscriber is not None:
             self._service.streams.detach(self.subscriber)
