@@ -111,9 +111,7 @@ class RequestReader:
         """
         if self.failure is not None:
             raise self.failure
-        parser = self._parser
-        if parser is None:
-            raise RuntimeError("the request reader is closed")
+        parser = self._current_parser()
         was_in_head = self._in_head
         idle_before = not self._in_message
         self._began = False
@@ -148,18 +146,18 @@ class RequestReader:
         """Let go of the parser; the reader can't be fed again."""
         self._parser = None
 
+    def _current_parser(self) -> httptools.HttpRequestParser:
+        parser = self._parser
+        if parser is None:
+            raise RuntimeError("the request reader is closed")
+        return parser
+
     def _fail(self, error: PeerError) -> None:
         self.failure = error
         if not self._done:
             raise error from None
 
     # httptools callbacks -------------------------------------------------
-    def _current_parser(self) -> httptools.HttpRequestParser:
-        parser = self._parser
-        if parser is None:  # callbacks run only inside feed(), which checked
-            raise RuntimeError("the request reader is closed")
-        return parser
-
     def _too_large(self, url: bool) -> None:
         status = (
             HTTPStatus.REQUEST_URI_TOO_LONG if url else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
