@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
+import weakref
 from collections.abc import Iterable
 from http import HTTPStatus
 from urllib.parse import parse_qs
@@ -692,3 +695,22 @@ def test_a_closed_reader_refuses_more_bytes() -> None:
     reader.close()
     with pytest.raises(RuntimeError, match="closed"):
         reader.feed(GET)
+
+
+@pytest.mark.parametrize("data", [GET, b"NOT HTTP AT ALL\r\n\r\n", GET + b"\x00garbage\r\n\r\n"])
+def test_a_closed_reader_is_freed_without_the_cyclic_collector(data: bytes) -> None:
+    """After a request, a malformed one, or garbage behind a good one, a closed reader is
+    freed as soon as nothing refers to it: its parser and its failure's traceback hold
+    no cycle through it."""
+    gc.collect()
+    gc.disable()
+    try:
+        reader = RequestReader(MAX_HEAD, MAX_BODY)
+        with contextlib.suppress(PeerError):
+            reader.feed(data)
+        reader.close()
+        freed = weakref.ref(reader)
+        del reader
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -191,9 +191,9 @@ async def test_pipelining_client_that_never_reads_is_aborted_at_the_header_timeo
 async def test_a_closed_connection_leaves_no_garbage_for_the_cyclic_collector(
     service: Service,
 ) -> None:
-    """Streams and API calls that came and went are freed as they end: a reconnect storm
-    leaves no pile of dead parsers that a collection pass would have to walk (and pause
-    every stream for)."""
+    """Streams, API calls and bad requests that came and went are freed as they end: a
+    reconnect storm leaves no pile of dead parsers that a collection pass would have to
+    walk (and pause every stream for)."""
     await grant(service.port, "1", "room:1")
     gc.collect()
     gc.disable()
@@ -207,6 +207,8 @@ async def test_a_closed_connection_leaves_no_garbage_for_the_cyclic_collector(
                 service.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             )
             assert answer.startswith(b"HTTP/1.1 200 OK")
+            answer = await raw_request(service.port, b"NOT HTTP AT ALL\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400 ")  # a rejected request drops its reader too
         for _ in range(100):
             if service.open_connections == 0:
                 break

@@ -71,9 +71,9 @@ class RequestReader:
     def __init__(self, max_head_bytes: int, max_body_bytes: int) -> None:
         self._max_head = max_head_bytes
         self._max_body = max_body_bytes
-        # The parser holds this reader's callbacks, a reference cycle: close() breaks it,
-        # so that a connection's reader is freed when the connection lets go of it, not
-        # by a later pass of the cyclic collector.
+        # The parser holds this reader's callbacks, a reference cycle (as does a failure's
+        # traceback): close() breaks them, so that a connection's reader is freed when the
+        # connection lets go of it, not by a later pass of the cyclic collector.
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         # The request being parsed: its fields live here, not in an object per request
         # (a publisher sends tens of thousands a second).
@@ -143,8 +143,10 @@ class RequestReader:
         return done
 
     def close(self) -> None:
-        """Let go of the parser; the reader can't be fed again."""
+        """Let go of the parser and of the failure (its traceback holds feed()'s frame,
+        which holds the reader); the reader can't be fed again."""
         self._parser = None
+        self.failure = None
 
     def _current_parser(self) -> httptools.HttpRequestParser:
         parser = self._parser
@@ -155,7 +157,10 @@ class RequestReader:
     def _fail(self, error: PeerError) -> None:
         self.failure = error
         if not self._done:
-            raise error from None
+            try:
+                raise error from None
+            finally:
+                del error  # the traceback keeps this frame: no cycle through its local
 
     # httptools callbacks -------------------------------------------------
     def _too_large(self, url: bool) -> None:
